@@ -1,0 +1,64 @@
+"""The seed, faithfully: the PyTorch notebook's ModifiedResNet and recipe.
+
+    python -m jaxres.train --config experiments/base.py --workdir runs/base
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.num_epochs = 40
+  config.batch_size = 128
+  config.eval_batch_size = 100
+  config.dtype = 'float32'
+  config.param_budget = 5_000_000
+
+  # torch.optim.Adam(lr=1e-3, weight_decay=1e-4): L2 added to the gradient (not AdamW).
+  config.optimizer = 'adam'
+  config.learning_rate = 1e-3
+  config.weight_decay = 1e-4
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.adam_eps = 1e-8
+  config.momentum = 0.9  # sgd only
+  config.nesterov = False  # sgd only
+  config.label_smoothing = 0.0
+
+  # ReduceLROnPlateau(mode='min', factor=0.1, patience=5, threshold=1e-4 'rel',
+  # cooldown=0), stepped once per epoch on the test loss, as the seed does.
+  config.schedule = 'plateau'  # plateau | constant
+  config.plateau = ml_collections.ConfigDict()
+  config.plateau.factor = 0.1
+  config.plateau.patience = 5
+  config.plateau.threshold = 1e-4
+  config.plateau.cooldown = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'resnet'
+  config.model.widths = (32, 64, 128, 256)
+  config.model.blocks = (2, 2, 2, 2)
+  config.model.num_classes = 10
+  config.model.bn_momentum = 0.1  # PyTorch convention (weight of the new batch)
+  config.model.bn_epsilon = 1e-5
+  config.model.sync_batch_stats = True  # BatchNorm over the global batch on many devices
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'cifar10'  # cifar10 | imagefolder | synthetic
+  config.data.root = 'data/cifar10'
+  config.data.download = True
+  config.data.num_workers = 2
+  config.data.augment = 'seed'  # seed | flip_crop | none
+  config.data.on_device = False
+  config.data.drop_last = False  # the seed keeps the last, partial batch
+  config.data.image_size = 32
+  # synthetic only
+  config.data.synthetic_train_size = 0
+  config.data.synthetic_test_size = 0
+
+  config.checkpoint_keep = 3  # latest checkpoints kept, besides the best by test accuracy
+  config.resume = True
+  config.allow_config_change = False  # resume although the saved config differs
+  config.progress = True  # progress bar within an epoch, on a terminal
+  return config

@@ -1,0 +1,105 @@
+"""Orbax checkpoints of a run: the last few, plus the best by test accuracy.
+
+Each checkpoint holds two items: 'state' (the TrainState pytree) and 'meta' (JSON: the
+epoch, the position within it, and the running train sums of a partial epoch). Orbax
+writes each step to a temporary directory and renames it when complete, so a kill at
+any moment leaves either the whole checkpoint or none. A checkpoint that is damaged
+later (truncated or missing files) is reported and skipped in favour of the one before.
+"""
+
+import os
+import sys
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from jaxres.errors import UsageError
+
+_policy = checkpoint_managers.preservation_policy
+
+
+def _accuracy(metrics) -> float:
+  return metrics['test_accuracy']
+
+
+class Checkpoints:
+  """A run's checkpoint directory (DIR/checkpoints)."""
+
+  def __init__(self, directory: str, keep: int = 3, read_only: bool = False,
+               asynchronous: bool = True):
+    self.directory = os.path.abspath(directory)
+    policy = _policy.AnyPreservationPolicy([
+        _policy.LatestN(n=keep),
+        _policy.BestN(get_metric_fn=_accuracy, n=1, keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=asynchronous, cleanup_tmp_directories=not read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'meta'))
+
+  def steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def best_step(self) -> Optional[int]:
+    return self.manager.best_step()
+
+  def save(self, step: int, state, meta: dict, metrics: Optional[dict] = None):
+    """Save (asynchronously) at `step`; `metrics` (with test_accuracy) ranks the best."""
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)),
+                      metrics=metrics, force=True)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+  def restore(self, step: int, target) -> tuple[Any, dict]:
+    """(state, meta) of checkpoint `step`, laid out like `target` (arrays or shapes)."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored['state'], dict(restored['meta'])
+
+  def restore_latest_valid(self, target, log=print) -> Optional[tuple[int, Any, dict]]:
+    """(step, state, meta) of the newest checkpoint that restores; None if none exist.
+
+    A damaged checkpoint is reported and skipped; if every one is damaged, UsageError.
+    """
+    steps = sorted(self.steps(), reverse=True)
+    for step in steps:
+      try:
+        state, meta = self.restore(step, target)
+        return step, state, meta
+      except Exception as e:  # pylint: disable=broad-except
+        reason = ' '.join(str(e).split())[:200]
+        log(f'warning: checkpoint {step} in {self.directory} is unreadable ({type(e).__name__}: '
+            f'{reason}); falling back to the previous one', file=sys.stderr)
+    if steps:
+      raise UsageError(f'no readable checkpoint in {self.directory} (tried steps {steps}); '
+                       f'start over with --config.resume=False or another --workdir')
+    return None
+
+  def resolve(self, which: str) -> int:
+    """A step number from 'latest', 'best' or an integer string."""
+    steps = self.steps()
+    if not steps:
+      raise UsageError(f'no checkpoints in {self.directory}')
+    if which == 'latest':
+      return max(steps)
+    if which == 'best':
+      best = self.best_step()
+      if best is None:
+        raise UsageError(f'no checkpoint in {self.directory} has test metrics to rank')
+      return best
+    try:
+      step = int(which)
+    except ValueError:
+      raise UsageError(f'--step must be latest, best or a step number, got {which!r}') from None
+    if step not in steps:
+      raise UsageError(f'no checkpoint at step {step} in {self.directory} (have {sorted(steps)})')
+    return step

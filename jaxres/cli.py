@@ -1,0 +1,48 @@
+"""What every jaxres command shares: flag parsing and the mapping of errors to exit codes.
+
+Exit codes: 0 success; 1 over budget (count_params); 2 bad input (one line on stderr,
+no traceback); 3 non-finite loss; 128+N killed by signal N after a checkpoint.
+"""
+
+import os
+import sys
+from typing import Callable, Optional
+
+from absl import flags
+
+from jaxres.errors import Interrupted, NonFiniteLossError, UsageError
+
+
+def fail(message: str, code: int = 2):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _one_line(text: str) -> str:
+  return ' '.join(str(text).split())
+
+
+def run(main: Callable[[list], Optional[int]], argv: Optional[list] = None):
+  """Parse absl flags, run main(argv), turn jaxres errors into one line and an exit code."""
+  argv = sys.argv if argv is None else argv
+  try:
+    argv = flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(_one_line(e))
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    # ml_collections raises these while loading or overriding the --config file.
+    fail(_one_line(f'{type(e).__name__}: {e}'))
+  try:
+    code = main(argv)
+  except UsageError as e:
+    fail(_one_line(e), e.exit_code)
+  except NonFiniteLossError as e:
+    fail(_one_line(e), e.exit_code)
+  except Interrupted as e:
+    print(f'{e}; checkpoint written, rerun the same command to resume', file=sys.stderr)
+    sys.stdout.flush()
+    os._exit(e.exit_code)
+  except KeyboardInterrupt:
+    print('interrupted', file=sys.stderr)
+    sys.exit(130)
+  sys.exit(code or 0)

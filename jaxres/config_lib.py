@@ -1,0 +1,94 @@
+"""Config checks shared by every command: validity and the parameter budget."""
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxres import models, train_state
+from jaxres.errors import UsageError
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _require(ok: bool, message: str):
+  if not ok:
+    raise UsageError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raise UsageError naming the first field whose value cannot work."""
+  for field in ('num_epochs', 'batch_size', 'eval_batch_size'):
+    value = config[field]
+    _require(isinstance(value, int) and value > 0, f'config.{field} must be a positive integer, got {value!r}')
+  _require(config.learning_rate > 0, f'config.learning_rate must be positive, got {config.learning_rate!r}')
+  _require(config.weight_decay >= 0, f'config.weight_decay must be >= 0, got {config.weight_decay!r}')
+  _require(config.param_budget > 0, f'config.param_budget must be positive, got {config.param_budget!r}')
+  _require(config.dtype in DTYPES, f'config.dtype must be one of {", ".join(DTYPES)}, got {config.dtype!r}')
+  _require(config.optimizer in ('adam', 'sgd'), f'config.optimizer must be adam or sgd, got {config.optimizer!r}')
+  _require(config.schedule in ('plateau', 'constant'),
+           f'config.schedule must be plateau or constant, got {config.schedule!r}')
+  _require(0 < config.plateau.factor < 1, f'config.plateau.factor must be in (0, 1), got {config.plateau.factor!r}')
+  _require(config.plateau.patience >= 0, 'config.plateau.patience must be >= 0')
+  _require(0 <= config.label_smoothing < 1, 'config.label_smoothing must be in [0, 1)')
+  _require(config.checkpoint_keep >= 1, 'config.checkpoint_keep must be >= 1')
+  m = config.model
+  _require(m.name == 'resnet', f'config.model.name must be resnet, got {m.name!r}')
+  _require(len(m.widths) == len(m.blocks) and len(m.widths) > 0,
+           f'config.model.widths {tuple(m.widths)} and config.model.blocks {tuple(m.blocks)} '
+           f'must have the same, non-zero length')
+  _require(all(int(w) > 0 for w in m.widths) and all(int(b) > 0 for b in m.blocks),
+           'config.model.widths and config.model.blocks must be positive')
+  _require(m.num_classes >= 2, f'config.model.num_classes must be >= 2, got {m.num_classes!r}')
+  d = config.data
+  _require(d.name in ('cifar10', 'imagefolder', 'synthetic'),
+           f'config.data.name must be cifar10, imagefolder or synthetic, got {d.name!r}')
+  _require(d.augment in ('seed', 'flip_crop', 'none'),
+           f'config.data.augment must be seed, flip_crop or none, got {d.augment!r}')
+  _require(d.num_workers >= 0, 'config.data.num_workers must be >= 0')
+
+
+def param_count(config: ml_collections.ConfigDict) -> tuple[int, Any]:
+  """(trainable parameter count, params shape tree) without computing anything."""
+  model = models.create_model(config)
+  shapes = jax.eval_shape(lambda: train_state.init_variables(
+      model, jax.random.PRNGKey(0), config.data.image_size))
+  return train_state.count_params(shapes['params']), shapes['params']
+
+
+def check_budget(config: ml_collections.ConfigDict) -> int:
+  """The parameter count; UsageError if it exceeds config.param_budget."""
+  count, _ = param_count(config)
+  if count > config.param_budget:
+    raise UsageError(f'model has {count:,} trainable parameters, over the budget of '
+                     f'{config.param_budget:,} (config.param_budget)')
+  return count
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON data (tuples become lists)."""
+  return json.loads(config.to_json())
+
+
+def load_json(path: str) -> ml_collections.ConfigDict:
+  """A config saved by the trainer (DIR/config.json)."""
+  if not os.path.exists(path):
+    raise UsageError(f'{path} does not exist: is this a jaxres workdir?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def differences(old: dict, new: dict, prefix: str = '') -> list[str]:
+  """Dotted names of the fields that differ between two config dicts."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    name = f'{prefix}{key}'
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += differences(a, b, name + '.')
+    elif a != b:
+      out.append(name)
+  return out

@@ -1,0 +1,110 @@
+"""What a run tells its user: the per-epoch line, a progress bar, metrics.jsonl, curves.png."""
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+
+def epoch_line(record: dict, num_epochs: int) -> str:
+  """The seed's per-epoch report, plus learning rate, seconds and images/s."""
+  r = record
+  return (f"Epoch [{r['epoch']}/{num_epochs}], Train Loss: {r['train_loss']:.4f}, "
+          f"Train Acc: {r['train_accuracy']:.4f}, Test Loss: {r['test_loss']:.4f}, "
+          f"Test Acc: {r['test_accuracy']:.4f}, LR: {r['learning_rate']:.2e}, "
+          f"Time: {r['epoch_seconds']:.1f}s, {r['images_per_second']:.0f} img/s")
+
+
+def _atomic_write(path: str, data: bytes):
+  tmp = f'{path}.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class MetricsLog:
+  """DIR/metrics.jsonl: one JSON object per finished epoch, in order, no duplicates."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def read(self) -> list[dict]:
+    if not os.path.exists(self.path):
+      return []
+    records = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          break  # a line cut short by a crash: it and anything after is dropped
+    return records
+
+  def keep_through(self, epoch: int) -> list[dict]:
+    """Drop records after `epoch` (work lost in a crash); returns those kept."""
+    records = [r for r in self.read() if r['epoch'] <= epoch]
+    _atomic_write(self.path, ''.join(json.dumps(r) + '\n' for r in records).encode())
+    return records
+
+  def append(self, record: dict):
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+      f.flush()
+      os.fsync(f.fileno())
+
+
+class Progress:
+  """A one-line progress bar on stderr, shown only on a terminal."""
+
+  def __init__(self, total: int, label: str, enabled: bool = True):
+    self.total, self.label = total, label
+    self.enabled = enabled and sys.stderr.isatty()
+    self.start = time.perf_counter()
+    self._last = 0.0
+
+  def update(self, done: int, extra: str = ''):
+    now = time.perf_counter()
+    if not self.enabled or (now - self._last < 0.2 and done < self.total):
+      return
+    self._last = now
+    width = 30
+    filled = int(width * done / max(self.total, 1))
+    rate = done / max(now - self.start, 1e-9)
+    eta = (self.total - done) / rate if rate > 0 else 0
+    sys.stderr.write(f'\r{self.label} [{"#" * filled}{"." * (width - filled)}] '
+                     f'{done}/{self.total} {extra} eta {eta:.0f}s \x1b[K')
+    sys.stderr.flush()
+
+  def close(self):
+    if self.enabled:
+      sys.stderr.write('\r\x1b[K')
+      sys.stderr.flush()
+
+
+def plot_curves(records: list[dict], path: str, title: Optional[str] = None):
+  """Loss and accuracy per epoch, train and test, as the seed plots them."""
+  if not records:
+    return
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  epochs = [r['epoch'] for r in records]
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  for split in ('train', 'test'):
+    ax_loss.plot(epochs, [r[f'{split}_loss'] for r in records], label=f'{split} loss')
+    ax_acc.plot(epochs, [r[f'{split}_accuracy'] for r in records], label=f'{split} accuracy')
+  for ax, name in ((ax_loss, 'loss'), (ax_acc, 'accuracy')):
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  tmp = f'{path}.tmp.png'
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)

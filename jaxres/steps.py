@@ -1,0 +1,82 @@
+"""The train and eval steps: pure functions of (state, batch) -> (state, metrics).
+
+Metrics are sums over the batch (loss_sum, correct, count), so any number of steps,
+devices or hosts reduce by addition; divide at the end.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxres import optim
+from jaxres.train_state import TrainState
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Per-example cross-entropy, optionally with label smoothing (PyTorch's definition)."""
+  num_classes = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def _sums(logits, labels, losses, mask=None):
+  mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return {'loss_sum': jnp.sum(losses * mask), 'correct': jnp.sum(correct * mask),
+          'count': jnp.sum(mask)}
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module,
+               tx: optax.GradientTransformation, label_smoothing: float = 0.0):
+  """One optimizer step on `batch` {'image': NHWC float, 'label': int}."""
+
+  def loss_fn(params):
+    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                  batch['image'], train=True, mutable=['batch_stats'])
+    losses = cross_entropy(logits, batch['label'], label_smoothing)
+    return jnp.mean(losses), (logits, losses, updates['batch_stats'])
+
+  grads, (logits, losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  metrics = _sums(logits, batch['label'], losses)
+  metrics['learning_rate'] = optim.learning_rate(state.opt_state)
+  metrics['step'] = state.step + 1
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
+  """Metric sums on `batch` in eval mode; rows with mask 0 (padding) do not count.
+
+  Also returns the batch's confusion matrix (rows: true class, columns: predicted).
+  """
+  logits = model.apply(state.variables, batch['image'], train=False)
+  losses = cross_entropy(logits, batch['label'])
+  mask = batch.get('mask')
+  metrics = _sums(logits, batch['label'], losses, mask)
+  num_classes = logits.shape[-1]
+  weights = jnp.ones(losses.shape) if mask is None else mask
+  metrics['confusion'] = jnp.zeros((num_classes, num_classes)).at[
+      batch['label'], jnp.argmax(logits, -1)].add(weights)
+  return metrics
+
+
+def plateau_step(state: TrainState, metric, *, plateau: optax.GradientTransformationExtraArgs,
+                 base_learning_rate: float) -> TrainState:
+  """Step the plateau rule once (end of epoch) and set the learning rate it implies."""
+  _, plateau_state = plateau.update(None, state.plateau, value=metric)
+  opt_state = optim.set_learning_rate(state.opt_state, base_learning_rate * plateau_state.scale)
+  return state.replace(plateau=plateau_state, opt_state=opt_state)
+
+
+def summarize(metric_sums: dict, prefix: str) -> dict:
+  """{'loss_sum', 'correct', 'count'} (numpy) -> {prefix_loss, prefix_accuracy}."""
+  count = max(float(metric_sums['count']), 1.0)
+  return {f'{prefix}_loss': float(metric_sums['loss_sum']) / count,
+          f'{prefix}_accuracy': float(metric_sums['correct']) / count}
