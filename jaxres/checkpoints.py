@@ -59,7 +59,11 @@ class Checkpoints:
     self.manager.close()
 
   def restore(self, step: int, target) -> tuple[Any, dict]:
-    """(state, meta) of checkpoint `step`, laid out like `target` (arrays or shapes)."""
+    """(state, meta) of checkpoint `step`, laid out like `target`.
+
+    `target` holds arrays or jax.ShapeDtypeStructs; their shardings say where the
+    restored arrays go, whatever the device count of the run that saved them.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -103,3 +107,32 @@ class Checkpoints:
     if step not in steps:
       raise UsageError(f'no checkpoint at step {step} in {self.directory} (have {sorted(steps)})')
     return step
+
+
+def abstract_state(config, model, tx, sharding=None):
+  """Shapes, dtypes (and sharding) of a TrainState for `config`, computing nothing."""
+  import functools
+  from jaxres import train_state
+  shapes = jax.eval_shape(functools.partial(train_state.create, config, model, tx))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def load_run(workdir: str, which: str = 'latest', mesh=None):
+  """(config, model, state, step) of a finished or running jaxres workdir."""
+  from jaxres import config_lib, models, optim, parallel
+  config = config_lib.load_json(os.path.join(workdir, 'config.json'))
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(ckpt_dir):
+    raise UsageError(f'{workdir} has no checkpoints/ directory')
+  ckpts = Checkpoints(ckpt_dir, read_only=True)
+  step = ckpts.resolve(which)
+  mesh = mesh or parallel.make_mesh()
+  model = models.create_model(config, mesh.devices.size)
+  target = abstract_state(config, model, optim.create_optimizer(config), parallel.replicated(mesh))
+  try:
+    state, _ = ckpts.restore(step, target)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(f'cannot restore checkpoint {step} of {workdir}: '
+                     f'{" ".join(str(e).split())[:300]}') from None
+  ckpts.close()
+  return config, model, state, step

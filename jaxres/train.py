@@ -12,6 +12,7 @@ import functools
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -21,7 +22,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from jaxres import checkpoints as checkpoints_lib
-from jaxres import cli, config_lib, input_pipeline, models, optim, parallel, reporting, steps
+from jaxres import cli, config_lib, evaluation, input_pipeline, models, optim, parallel, reporting, steps
 from jaxres import train_state as train_state_lib
 from jaxres.errors import Interrupted, NonFiniteLossError, UsageError
 
@@ -77,8 +78,10 @@ def _check_workdir(workdir: str):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
     raise UsageError(f'workdir {workdir}: {existing} is not a directory')
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise UsageError(f'workdir {workdir} is not writable')
+  try:  # a real write: os.access is wrong for root, read-only mounts and /proc
+    os.rmdir(tempfile.mkdtemp(prefix='.jaxres-write-test-', dir=existing))
+  except OSError as e:
+    raise UsageError(f'workdir {workdir} is not writable ({e.strerror})') from None
 
 
 def _check_resume(config, workdir: str) -> bool:
@@ -113,14 +116,6 @@ def _add_sums(total: dict, step_metrics: list) -> dict:
     for key in ('loss_sum', 'correct', 'count'):
       total[key] = total.get(key, 0.0) + float(m[key])
   return total
-
-
-def evaluate(eval_fn, state, loader: input_pipeline.Loader, sharding) -> dict:
-  """Metric sums (numpy, confusion included) of `state` over every batch of `loader`."""
-  outputs = [eval_fn(state, parallel.global_batch(b, sharding)) for b in loader.epoch(0)]
-  outputs = jax.device_get(outputs)
-  return {k: np.sum([np.asarray(o[k], np.float64) for o in outputs], axis=0)
-          for k in outputs[0]}
 
 
 def train_and_evaluate(config, workdir: str) -> list[dict]:
@@ -194,7 +189,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
       state, sums = _train_epoch(state, sums, epoch, first_step, train_fn, train_loader,
                                  batch_sharding, ckpts, config, stop)
       t_eval = time.perf_counter()
-      test_sums = evaluate(eval_fn, state, eval_loader, batch_sharding)
+      test_sums = evaluation.evaluate(eval_fn, state, eval_loader, batch_sharding)
       learning_rate = float(jax.device_get(optim.learning_rate(state.opt_state)))
       record = _epoch_record(epoch, sums, test_sums, learning_rate,
                              sums.pop('seconds'), sums['count'])
@@ -261,12 +256,12 @@ def _train_epoch(state, sums, epoch, first_step, train_fn, loader, sharding, ckp
 def main(argv):
   if len(argv) > 1:
     raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if _CONFIG.value is None:
+  if cli.config_value(_CONFIG) is None:
     raise UsageError('--config is required (e.g. --config experiments/base.py)')
   if not _WORKDIR.value:
     raise UsageError('--workdir is required (e.g. --workdir runs/base)')
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(cli.config_value(_CONFIG), _WORKDIR.value)
 
 
 if __name__ == '__main__':

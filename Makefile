@@ -1,0 +1,28 @@
+# Two commands for a fresh machine:
+#   make smoke   set up .venv and run the smoke training (seconds, generated data)
+#   make test    set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup smoke test train clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+smoke: setup
+	$(PY) -m jaxres.train --config experiments/smoke.py --workdir runs/smoke --config.resume=False
+
+test: setup
+	$(PY) -m pytest -q
+
+train: setup
+	$(PY) -m jaxres.train --config experiments/base.py --workdir runs/base
+
+clean:
+	rm -rf runs

@@ -1,0 +1,53 @@
+"""Shared test helpers: run a jaxres command in a subprocess; one smoke run per session."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(extra=None, cache_dir=None):
+  env = dict(os.environ)
+  env['PYTHONPATH'] = str(REPO) + os.pathsep + env.get('PYTHONPATH', '')
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONUNBUFFERED'] = '1'
+  if cache_dir:
+    env['JAX_COMPILATION_CACHE_DIR'] = str(cache_dir)
+  env.update(extra or {})
+  return env
+
+
+@pytest.fixture(scope='session')
+def compile_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp('xla_cache')
+
+
+@pytest.fixture(scope='session')
+def run_cli(compile_cache):
+  """run_cli('jaxres.train', '--config', ...) -> CompletedProcess (text, never raises)."""
+
+  def run(module, *args, env=None, timeout=600, cwd=REPO):
+    return subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=cwd,
+                          env=cli_env(env, compile_cache), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+  return run
+
+
+@pytest.fixture(scope='session')
+def smoke_run(run_cli, tmp_path_factory):
+  """A finished smoke training run: (workdir, CompletedProcess)."""
+  workdir = tmp_path_factory.mktemp('smoke') / 'run'
+  proc = run_cli('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', workdir)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return workdir, proc
+
+
+def read_metrics(workdir):
+  with open(Path(workdir) / 'metrics.jsonl') as f:
+    return [json.loads(line) for line in f]

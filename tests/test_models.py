@@ -1,0 +1,84 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import base, smoke
+from jaxres import layers, models, train_state
+
+
+def _init(config, batch=2, shapes_only=False):
+  model = models.create_model(config)
+  init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, 32, 32, 3)), train=False)
+  return model, (jax.eval_shape(init) if shapes_only else jax.jit(init)())
+
+
+def test_base_parameter_count_is_the_seeds():
+  _, variables = _init(base.get_config(), shapes_only=True)
+  assert train_state.count_params(variables['params']) == 2_797_610
+
+
+def test_output_shapes_train_and_eval():
+  config = smoke.get_config()
+  model, variables = _init(config)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  assert logits.shape == (4, 10) and logits.dtype == jnp.float32
+  logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+      variables, x)
+  assert logits.shape == (4, 10)
+  assert jax.tree.structure(updates['batch_stats']) == jax.tree.structure(variables['batch_stats'])
+
+
+def test_architecture_follows_the_seed():
+  _, variables = _init(base.get_config(), shapes_only=True)
+  p = variables['params']
+  assert p['conv1']['kernel'].shape == (3, 3, 3, 32)
+  assert 'shortcut_conv' not in p['layer1_0']  # identity shortcut
+  assert p['layer2_0']['conv1']['kernel'].shape == (3, 3, 32, 64)
+  assert p['layer2_0']['shortcut_conv']['kernel'].shape == (1, 1, 32, 64)
+  assert 'shortcut_conv' not in p['layer2_1']
+  assert p['linear']['kernel'].shape == (256, 10) and p['linear']['bias'].shape == (10,)
+  assert not any('bias' in k for k in p['conv1'])  # convs have no bias
+
+
+def test_stride_two_downsamples_like_pytorch_padding():
+  # 32 -> 32 -> 16 -> 8 -> 4, so the final pool sees a 4x4 map as in the seed.
+  model = models.ResNet(widths=(4, 4, 4, 4), blocks=(1, 1, 1, 1))
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+  _, state = jax.eval_shape(lambda v: model.apply(v, x, capture_intermediates=True,
+                                                  mutable=['intermediates']), variables)
+  sizes = [state['intermediates'][f'layer{i}_0']['__call__'][0].shape[1] for i in range(1, 5)]
+  assert sizes == [32, 16, 8, 4]
+
+
+def test_batchnorm_running_stats_use_unbiased_variance_and_torch_momentum():
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, 3)) * 2.0 + 1.0
+  bn = layers.BatchNorm(momentum=0.1)
+  variables = bn.init(jax.random.PRNGKey(0), x)
+  y, updates = bn.apply(variables, x, mutable=['batch_stats'])
+  flat = np.asarray(x).reshape(-1, 3)
+  np.testing.assert_allclose(updates['batch_stats']['mean'], 0.1 * flat.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(updates['batch_stats']['var'], 0.9 + 0.1 * flat.var(0, ddof=1),
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 3).mean(0), 0, atol=1e-5)
+
+
+def test_batchnorm_groups_normalize_each_group_alone():
+  x = jnp.concatenate([jnp.zeros((4, 2, 2, 1)) + 5.0, jnp.ones((4, 2, 2, 1)) * -3.0]) + \
+      jax.random.normal(jax.random.PRNGKey(0), (8, 2, 2, 1))
+  bn = layers.BatchNorm(num_groups=2)
+  variables = bn.init(jax.random.PRNGKey(0), x)
+  y, _ = bn.apply(variables, x, mutable=['batch_stats'])
+  for g in range(2):
+    assert abs(float(jnp.mean(y[4 * g:4 * (g + 1)]))) < 1e-5
+
+
+@pytest.mark.parametrize('shape', [(3, 3, 32, 64), (256, 10)])
+def test_torch_default_init_bounds(shape):
+  w = layers.torch_kernel_init(jax.random.PRNGKey(0), shape)
+  fan_in = int(np.prod(shape[:-1]))
+  bound = 1 / np.sqrt(fan_in)
+  assert float(jnp.max(jnp.abs(w))) <= bound
+  np.testing.assert_allclose(float(jnp.std(w)), bound / np.sqrt(3), rtol=0.05)

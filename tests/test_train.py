@@ -1,0 +1,44 @@
+import json
+import re
+
+from conftest import read_metrics
+
+EPOCH_LINE = re.compile(r'^Epoch \[(\d+)/3\], Train Loss: [\d.]+, Train Acc: [\d.]+, '
+                        r'Test Loss: [\d.]+, Test Acc: [\d.]+, LR: [\d.e+-]+, Time: [\d.]+s, '
+                        r'\d+ img/s$', re.M)
+
+
+def test_smoke_run_writes_everything_and_learns(smoke_run):
+  workdir, proc = smoke_run
+  assert [int(e) for e in EPOCH_LINE.findall(proc.stdout)] == [1, 2, 3]
+  assert 'Final Test Accuracy:' in proc.stdout
+  records = read_metrics(workdir)
+  assert [r['epoch'] for r in records] == [1, 2, 3]
+  for key in ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'learning_rate',
+              'epoch_seconds'):
+    assert key in records[0]
+  assert records[-1]['test_accuracy'] > 0.5  # chance is 0.1
+  assert records[-1]['train_loss'] < records[0]['train_loss']
+  assert (workdir / 'curves.png').stat().st_size > 1000
+  saved = json.loads((workdir / 'config.json').read_text())
+  assert saved['data']['name'] == 'synthetic' and saved['model']['widths'] == [8, 16, 32, 64]
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps == [16, 32, 48]  # 1024 images / batch 64 = 16 steps per epoch
+
+
+def test_trainer_refuses_a_model_over_budget(run_cli, tmp_path):
+  proc = run_cli('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', tmp_path / 'w',
+                 '--config.param_budget=50000')
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == ('error: model has 78,002 trainable parameters, over the budget '
+                                 'of 50,000 (config.param_budget)')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_missing_cifar10_offline_is_one_line_exit_2(run_cli, tmp_path):
+  proc = run_cli('jaxres.train', '--config', 'experiments/base.py', '--workdir', tmp_path / 'w',
+                 '--config.data.root', tmp_path / 'cifar', '--config.data.download=False')
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'CIFAR-10 not found under' in lines[0], proc.stderr
+  assert 'Traceback' not in proc.stderr and not (tmp_path / 'w').exists()
