@@ -1,6 +1,6 @@
 import json
 
-from conftest import read_metrics
+from tests.conftest import read_metrics
 
 
 def test_eval_after_restore_reproduces_last_epoch_exactly(smoke_run, run_cli):

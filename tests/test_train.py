@@ -1,7 +1,7 @@
 import json
 import re
 
-from conftest import read_metrics
+from tests.conftest import read_metrics
 
 EPOCH_LINE = re.compile(r'^Epoch \[(\d+)/3\], Train Loss: [\d.]+, Train Acc: [\d.]+, '
                         r'Test Loss: [\d.]+, Test Acc: [\d.]+, LR: [\d.e+-]+, Time: [\d.]+s, '

@@ -1,0 +1,69 @@
+"""The seed's PyTorch model and recipe, for parity tests and benchmarks only.
+
+This is the notebook's ModifiedResNet (a half-width ResNet-18 of BasicBlocks), with the
+state_dict keys of the seed's checkpoints (conv1.weight, layer2.0.shortcut.0.weight, ...).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+  expansion = 1
+
+  def __init__(self, in_planes, planes, stride=1):
+    super().__init__()
+    self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.shortcut = nn.Sequential()
+    if stride != 1 or in_planes != planes:
+      self.shortcut = nn.Sequential(
+          nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False),
+          nn.BatchNorm2d(planes))
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    out += self.shortcut(x)
+    return F.relu(out)
+
+
+class ModifiedResNet(nn.Module):
+  """conv3x3 -> BN -> ReLU, 4 stages of BasicBlocks, avg_pool2d(4), Linear."""
+
+  def __init__(self, num_blocks=(2, 2, 2, 2), widths=(32, 64, 128, 256), num_classes=10):
+    super().__init__()
+    self.in_planes = widths[0]
+    self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(widths[0])
+    self.layer1 = self._make_layer(widths[0], num_blocks[0], stride=1)
+    self.layer2 = self._make_layer(widths[1], num_blocks[1], stride=2)
+    self.layer3 = self._make_layer(widths[2], num_blocks[2], stride=2)
+    self.layer4 = self._make_layer(widths[3], num_blocks[3], stride=2)
+    self.linear = nn.Linear(widths[3], num_classes)
+
+  def _make_layer(self, planes, num_blocks, stride):
+    layers = []
+    for s in [stride] + [1] * (num_blocks - 1):
+      layers.append(BasicBlock(self.in_planes, planes, s))
+      self.in_planes = planes
+    return nn.Sequential(*layers)
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+    out = F.avg_pool2d(out, 4)
+    return self.linear(out.view(out.size(0), -1))
+
+
+def seed_optimizer(model, lr=1e-3, weight_decay=1e-4):
+  """torch.optim.Adam(lr=1e-3, weight_decay=1e-4), as the seed."""
+  return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def seed_scheduler(optimizer):
+  """ReduceLROnPlateau(mode='min', factor=0.1, patience=5), stepped on the test loss."""
+  return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', factor=0.1, patience=5)
