@@ -61,4 +61,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.resume = True
   config.allow_config_change = False  # resume although the saved config differs
   config.progress = True  # progress bar within an epoch, on a terminal
+  config.log_train_steps = False  # also write DIR/train_steps.jsonl (loss of every step)
   return config

@@ -7,7 +7,9 @@ any moment leaves either the whole checkpoint or none. A checkpoint that is dama
 later (truncated or missing files) is reported and skipped in favour of the one before.
 """
 
+import errno
 import os
+import shutil
 import sys
 from typing import Any, Optional
 
@@ -20,8 +22,26 @@ from jaxres.errors import UsageError
 _policy = checkpoint_managers.preservation_policy
 
 
+FREE_SPACE_MARGIN = 1 << 20  # bytes kept free beyond a checkpoint's raw array size
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_FULL_TEXT = ('No space left', 'File too large', 'Disk quota exceeded')
+
+
 def _accuracy(metrics) -> float:
   return metrics['test_accuracy']
+
+
+def disk_full(exc: BaseException) -> bool:
+  """Whether `exc` (or what caused it) is a full disk, a quota or a file-size limit."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+      return True
+    if any(text in str(exc) for text in _DISK_FULL_TEXT):
+      return True
+    exc = exc.__cause__ or exc.__context__
+  return False
 
 
 class Checkpoints:
@@ -47,16 +67,58 @@ class Checkpoints:
     return self.manager.best_step()
 
   def save(self, step: int, state, meta: dict, metrics: Optional[dict] = None):
-    """Save (asynchronously) at `step`; `metrics` (with test_accuracy) ranks the best."""
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)),
-                      metrics=metrics, force=True)
+    """Save (asynchronously) at `step`; `metrics` (with test_accuracy) ranks the best.
+
+    A checkpoint already at `step` (one written on SIGTERM after the epoch's last step)
+    is replaced. A full disk becomes a UsageError; the previous checkpoints stay valid.
+    """
+    with self._disk_errors(step):
+      self.manager.wait_until_finished()  # the previous save, so free space is current
+      if step in self.manager.all_steps():
+        self.manager.delete(step)
+      self._check_free_space(step, state)
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)),
+                        metrics=metrics, force=True)
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._disk_errors(None):
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.close()
+    with self._disk_errors(None):
+      self.manager.close()
+
+  def _check_free_space(self, step: int, state):
+    """UsageError before writing anything if the disk cannot hold one more checkpoint."""
+    need = sum(x.nbytes for x in jax.tree.leaves(state)) + FREE_SPACE_MARGIN
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise UsageError(f'disk full: checkpoint {step} needs about {need / 2**20:.1f} MiB but '
+                       f'{self.directory} has {free / 2**20:.1f} MiB free; free space and rerun '
+                       f'the same command to resume from the last complete checkpoint')
+
+  def delete_all(self):
+    """Remove every checkpoint (starting a run over)."""
+    for step in self.steps():
+      self.manager.delete(step)
+
+  def _disk_errors(self, step):
+    directory = self.directory
+
+    class _Guard:
+      def __enter__(self):
+        return self
+
+      def __exit__(self, exc_type, exc, tb):
+        if exc is not None and disk_full(exc):
+          where = f'checkpoint {step}' if step is not None else 'a checkpoint'
+          raise UsageError(f'disk full while writing {where} to {directory} '
+                           f'({" ".join(str(exc).split())[:160]}); free space and rerun the '
+                           f'same command to resume from the last complete checkpoint') from None
+        return False
+
+    return _Guard()
 
   def restore(self, step: int, target) -> tuple[Any, dict]:
     """(state, meta) of checkpoint `step`, laid out like `target`.
@@ -82,11 +144,23 @@ class Checkpoints:
       except Exception as e:  # pylint: disable=broad-except
         reason = ' '.join(str(e).split())[:200]
         log(f'warning: checkpoint {step} in {self.directory} is unreadable ({type(e).__name__}: '
-            f'{reason}); falling back to the previous one', file=sys.stderr)
+            f'{reason}); moved aside to corrupt-{step}, falling back to the previous one',
+            file=sys.stderr)
+        self._set_aside(step)
     if steps:
       raise UsageError(f'no readable checkpoint in {self.directory} (tried steps {steps}); '
                        f'start over with --config.resume=False or another --workdir')
     return None
+
+  def _set_aside(self, step: int):
+    """Move a damaged checkpoint out of the way (kept for inspection, never restored)."""
+    if self.manager._options.read_only:  # pylint: disable=protected-access
+      return
+    path = os.path.join(self.directory, str(step))
+    target = os.path.join(self.directory, f'corrupt-{step}')
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    self.manager.reload()
 
   def resolve(self, which: str) -> int:
     """A step number from 'latest', 'best' or an integer string."""

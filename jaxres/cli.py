@@ -4,6 +4,7 @@ Exit codes: 0 success; 1 over budget (count_params); 2 bad input (one line on st
 no traceback); 3 non-finite loss; 128+N killed by signal N after a checkpoint.
 """
 
+import logging as std_logging
 import os
 import sys
 from typing import Callable, Optional
@@ -40,6 +41,7 @@ def run(main: Callable[[list], Optional[int]], argv: Optional[list] = None):
   """Parse absl flags, run main(argv), turn jaxres errors into one line and an exit code."""
   argv = sys.argv if argv is None else argv
   logging.set_verbosity(logging.ERROR)  # Orbax and absl chatter; jaxres prints its own
+  std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)  # Orbax's writer threads
   try:
     argv = flags.FLAGS(argv)
   except flags.Error as e:

@@ -30,14 +30,18 @@ _DATA_ROOT = flags.DEFINE_string('data_root', None, 'Override data.root.')
 
 
 def _torch_state(config, model, path: str, sharding):
-  from jaxres import torch_compat
-  variables = torch_compat.load_torch_checkpoint(path)
-  state = TrainState(step=0, params=variables['params'], batch_stats=variables['batch_stats'],
+  """(TrainState, label) of a PyTorch state_dict of the seed model that fits `model`.
+
+  Only params and BatchNorm statistics are needed to evaluate; the step is the
+  checkpoint's num_batches_tracked (the train steps it has seen).
+  """
+  from jaxres import torch_compat  # imports torch; only this path needs it
+  state_dict = torch_compat.load_torch_checkpoint(path)
+  variables = torch_compat.variables_from_torch(state_dict, model)
+  state = TrainState(step=jax.numpy.asarray(torch_compat.batches_tracked(state_dict), jax.numpy.int32),
+                     params=variables['params'], batch_stats=variables['batch_stats'],
                      opt_state=None, plateau=None, rng=None)
-  expected = jax.eval_shape(lambda: models.create_model(config).init(
-      jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 32, 3)), train=False))
-  torch_compat.check_structure(variables, expected)
-  return jax.device_put(state, sharding), 'torch'
+  return jax.device_put(state, sharding), path
 
 
 def run_eval(config, state, mesh) -> dict:

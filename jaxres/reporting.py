@@ -26,7 +26,8 @@ def _atomic_write(path: str, data: bytes):
 
 
 class MetricsLog:
-  """DIR/metrics.jsonl: one JSON object per finished epoch, in order, no duplicates."""
+  """A JSON-lines log (DIR/metrics.jsonl: one object per finished epoch), append-only
+  except for the records a resume drops, so it never holds duplicates."""
 
   def __init__(self, path: str):
     self.path = path
@@ -43,11 +44,15 @@ class MetricsLog:
           break  # a line cut short by a crash: it and anything after is dropped
     return records
 
-  def keep_through(self, epoch: int) -> list[dict]:
-    """Drop records after `epoch` (work lost in a crash); returns those kept."""
-    records = [r for r in self.read() if r['epoch'] <= epoch]
+  def keep_while(self, keep) -> list[dict]:
+    """Drop the records for which keep(record) is false (work lost in a crash)."""
+    records = [r for r in self.read() if keep(r)]
     _atomic_write(self.path, ''.join(json.dumps(r) + '\n' for r in records).encode())
     return records
+
+  def keep_through(self, epoch: int) -> list[dict]:
+    """Drop records after `epoch`; returns those kept."""
+    return self.keep_while(lambda r: r['epoch'] <= epoch)
 
   def append(self, record: dict):
     with open(self.path, 'a') as f:

@@ -67,12 +67,17 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
   return metrics
 
 
+def apply_plateau_scale(state: TrainState, base_learning_rate: float) -> TrainState:
+  """Set the optimizer's learning rate to base_learning_rate x the plateau rule's scale."""
+  opt_state = optim.set_learning_rate(state.opt_state, base_learning_rate * state.plateau.scale)
+  return state.replace(opt_state=opt_state)
+
+
 def plateau_step(state: TrainState, metric, *, plateau: optax.GradientTransformationExtraArgs,
                  base_learning_rate: float) -> TrainState:
   """Step the plateau rule once (end of epoch) and set the learning rate it implies."""
   _, plateau_state = plateau.update(None, state.plateau, value=metric)
-  opt_state = optim.set_learning_rate(state.opt_state, base_learning_rate * plateau_state.scale)
-  return state.replace(plateau=plateau_state, opt_state=opt_state)
+  return apply_plateau_scale(state.replace(plateau=plateau_state), base_learning_rate)
 
 
 def summarize(metric_sums: dict, prefix: str) -> dict:

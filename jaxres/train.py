@@ -38,7 +38,12 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process, 0..num_processes-1 (default: $JAX_PROCESS_ID).')
 
 CHECK_EVERY = 50  # steps between host-side looks at the loss (non-finite check, progress)
-TIMING_KEYS = ('epoch_seconds', 'images_per_second', 'wall_seconds')
+TIMING_KEYS = ('epoch_seconds', 'images_per_second', 'eval_seconds')  # differ run to run
+# Fields that may differ between a run and its resumption: they do not change what is
+# computed (num_epochs only extends the run).
+RESUMABLE_CHANGES = ('resume', 'allow_config_change', 'progress', 'num_epochs',
+                     'data.num_workers', 'log_train_steps')
+PLOT_EVERY_SECONDS = 60  # curves.png is redrawn at most this often (and at the end)
 
 
 def _log(*args, **kwargs):
@@ -84,20 +89,18 @@ def _check_workdir(workdir: str):
     raise UsageError(f'workdir {workdir} is not writable ({e.strerror})') from None
 
 
-def _check_resume(config, workdir: str) -> bool:
-  """Whether to resume from `workdir`; UsageError if its saved config differs."""
+def _check_resume(config, workdir: str) -> None:
+  """UsageError if `workdir` holds a run of a different config that we would resume."""
   saved_path = os.path.join(workdir, 'config.json')
   if not config.resume or not os.path.exists(saved_path):
-    return False
+    return
   saved = config_lib.load_json(saved_path).to_dict()
   changed = [d for d in config_lib.differences(saved, config_lib.to_dict(config))
-             if d not in ('resume', 'allow_config_change', 'progress', 'num_epochs',
-                          'data.num_workers')]
+             if d not in RESUMABLE_CHANGES]
   if changed and not config.allow_config_change:
     raise UsageError(f'{workdir} holds a run with a different config ({", ".join(changed)}); '
                      f'use another --workdir, --config.resume=False to start over, or '
                      f'--config.allow_config_change=True to resume anyway')
-  return True
 
 
 def _epoch_record(epoch, train_sums, test_sums, learning_rate, seconds, images) -> dict:
@@ -118,6 +121,31 @@ def _add_sums(total: dict, step_metrics: list) -> dict:
   return total
 
 
+def _prepare_workdir(config, workdir: str, ckpts, state, is_main: bool):
+  """Restore the latest valid checkpoint (if resuming) and align metrics.jsonl with it.
+
+  Returns (state, start_epoch, start_step, partial train sums, records so far).
+  """
+  metrics_log = reporting.MetricsLog(os.path.join(workdir, 'metrics.jsonl'))
+  restored = ckpts.restore_latest_valid(state, log=_log) if config.resume else None
+  if not restored:
+    if ckpts.steps():
+      _log(f'Starting over (config.resume=False): removing the checkpoints in {ckpts.directory}')
+      ckpts.delete_all()
+    if is_main:
+      metrics_log.keep_through(0)
+    return state, 1, 0, {}, []
+  step, state, meta = restored
+  epoch, step_in_epoch = meta['epoch'], meta['step_in_epoch']
+  _log(f'Resuming from checkpoint {step} (epoch {epoch}, '
+       f'{"after step " + str(step_in_epoch) if step_in_epoch else "end of epoch"})')
+  done_epochs = epoch if step_in_epoch == 0 else epoch - 1
+  records = metrics_log.keep_through(done_epochs) if is_main else []
+  if step_in_epoch == 0:  # an end-of-epoch checkpoint: continue with the next epoch
+    return state, epoch + 1, 0, {}, records
+  return state, epoch, step_in_epoch, meta.get('train_sums', {}), records
+
+
 def train_and_evaluate(config, workdir: str) -> list[dict]:
   """Run (or resume) training of `config` in `workdir`; returns the epoch records."""
   config_lib.validate(config)
@@ -127,7 +155,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
   num_devices = mesh.devices.size
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  resume = _check_resume(config, workdir)
+  _check_resume(config, workdir)
   train_split, test_split = input_pipeline.load(config.data, config.seed)
   if train_split.labels.max() >= config.model.num_classes:
     raise UsageError(f'the data has {len(train_split.classes)} classes but '
@@ -135,37 +163,44 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
 
   # Nothing in the workdir changes before this point.
   is_main = parallel.is_main_process()
-  ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-  ckpts = checkpoints_lib.Checkpoints(ckpt_dir, keep=config.checkpoint_keep)
+  ckpts = checkpoints_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                      keep=config.checkpoint_keep)
+  try:
+    return _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is_main)
+  except OSError as e:
+    if checkpoints_lib.disk_full(e):
+      raise UsageError(f'disk full while writing to {workdir} ({e.strerror}: {e.filename}); '
+                       f'free space and rerun the same command to resume') from None
+    raise
+  finally:
+    ckpts.close()  # waits for a checkpoint still being written
 
+
+def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is_main):
+  num_devices = mesh.devices.size
   model = models.create_model(config, num_devices)
   tx = optim.create_optimizer(config)
   plateau = optim.create_plateau(config)
-  replicated = parallel.replicated(mesh)
   batch_sharding = parallel.data_sharding(mesh)
   state = jax.jit(functools.partial(train_state_lib.create, config, model, tx),
-                  out_shardings=replicated)()
-
-  start_epoch, start_step, partial_sums = 1, 0, {}
-  metrics_log = reporting.MetricsLog(os.path.join(workdir, 'metrics.jsonl'))
-  records = []
-  restored = ckpts.restore_latest_valid(state, log=_log) if resume else None
-  if restored:
-    step, state, meta = restored
-    start_epoch, start_step = meta['epoch'], meta['step_in_epoch']
-    partial_sums = meta.get('train_sums', {})
-    if start_step == 0:  # an end-of-epoch checkpoint: continue with the next epoch
-      start_epoch += 1
-    _log(f'Resuming from checkpoint {step} (epoch {meta["epoch"]}, '
-         f'step {meta["step_in_epoch"] or "end"})')
+                  out_shardings=parallel.replicated(mesh))()
+  state, start_epoch, start_step, partial_sums, records = _prepare_workdir(
+      config, workdir, ckpts, state, is_main)
+  if start_epoch > 1 or start_step:
+    # A resumed run takes config.learning_rate (it may have been changed on purpose with
+    # allow_config_change); unchanged, this recomputes the learning rate bit for bit.
+    state = jax.jit(functools.partial(steps.apply_plateau_scale,
+                                      base_learning_rate=config.learning_rate))(state)
   if is_main:
-    records = metrics_log.keep_through(start_epoch - 1) if restored else []
-    if not restored:
-      metrics_log.keep_through(0)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json(indent=2))
+  metrics_log = reporting.MetricsLog(os.path.join(workdir, 'metrics.jsonl'))
+  steps_log = (reporting.MetricsLog(os.path.join(workdir, 'train_steps.jsonl'))
+               if config.log_train_steps and is_main else None)
+  if steps_log:
+    steps_log.keep_while(lambda r: r['step'] <= int(jax.device_get(state.step)))
 
   train_loader = input_pipeline.train_loader(train_split, config, jax.process_index(),
                                              jax.process_count(), num_devices)
@@ -181,37 +216,41 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
   _log(f'jaxres: {num_params:,} trainable parameters (budget {config.param_budget:,}); '
        f'{len(train_split)} train / {len(test_split)} test images; {num_devices} device(s) '
        f'({jax.devices()[0].platform}), {jax.process_count()} process(es)')
-
+  last_plot = time.perf_counter()
   with _StopRequests() as stop:
     for epoch in range(start_epoch, config.num_epochs + 1):
-      first_step = start_step if epoch == start_epoch else 0
-      sums = dict(partial_sums) if epoch == start_epoch else {}
-      state, sums = _train_epoch(state, sums, epoch, first_step, train_fn, train_loader,
-                                 batch_sharding, ckpts, config, stop)
+      resumed = epoch == start_epoch
+      state, sums = _train_epoch(state, dict(partial_sums) if resumed else {}, epoch,
+                                 start_step if resumed else 0, train_fn, train_loader,
+                                 batch_sharding, ckpts, config, stop, steps_log)
       t_eval = time.perf_counter()
       test_sums = evaluation.evaluate(eval_fn, state, eval_loader, batch_sharding)
       learning_rate = float(jax.device_get(optim.learning_rate(state.opt_state)))
-      record = _epoch_record(epoch, sums, test_sums, learning_rate,
-                             sums.pop('seconds'), sums['count'])
+      seconds = sums.pop('seconds')
+      record = _epoch_record(epoch, sums, test_sums, learning_rate, seconds, sums['count'])
       if config.schedule == 'plateau':
         state = plateau_fn(state, record['test_loss'])
-      meta = {'epoch': epoch, 'step_in_epoch': 0}
-      ckpts.save(int(jax.device_get(state.step)), state, meta,
+      ckpts.save(int(jax.device_get(state.step)), state, {'epoch': epoch, 'step_in_epoch': 0},
                  metrics={'test_accuracy': record['test_accuracy']})
       record['eval_seconds'] = round(time.perf_counter() - t_eval, 3)
       records.append(record)
       if is_main:
         metrics_log.append(record)
-        reporting.plot_curves(records, os.path.join(workdir, 'curves.png'))
+        if time.perf_counter() - last_plot > PLOT_EVERY_SECONDS or epoch == config.num_epochs:
+          reporting.plot_curves(records, os.path.join(workdir, 'curves.png'))
+          last_plot = time.perf_counter()
       _log(reporting.epoch_line(record, config.num_epochs))
+      if stop.signum is not None:  # arrived during evaluation: the checkpoint is written
+        ckpts.wait()
+        raise Interrupted(stop.signum)
   ckpts.wait()
-  ckpts.close()
   if records:
     _log(f'Final Test Accuracy: {records[-1]["test_accuracy"]:.4f}')
   return records
 
 
-def _train_epoch(state, sums, epoch, first_step, train_fn, loader, sharding, ckpts, config, stop):
+def _train_epoch(state, sums, epoch, first_step, train_fn, loader, sharding, ckpts, config,
+                 stop, steps_log=None):
   """One epoch (from `first_step`): returns (state, train sums incl. 'seconds')."""
   progress = reporting.Progress(loader.num_batches, f'epoch {epoch}',
                                 enabled=config.progress and parallel.is_main_process())
@@ -219,14 +258,19 @@ def _train_epoch(state, sums, epoch, first_step, train_fn, loader, sharding, ckp
   pending, step_in_epoch = [], first_step
 
   def drain(pending):
+    """Fetch queued step metrics; stop at the first non-finite loss."""
     fetched = jax.device_get(pending)
     for i, m in enumerate(fetched):
       if not np.isfinite(m['loss_sum']):
-        bad_step = int(m['step'])
         raise NonFiniteLossError(
-            f'non-finite loss ({m["loss_sum"]}) at step {bad_step} (epoch {epoch}, batch '
-            f'{step_in_epoch - len(fetched) + i + 1}), learning rate {float(m["learning_rate"]):.3g}; '
-            f'the last good checkpoint is kept in {ckpts.directory}')
+            f'non-finite loss ({m["loss_sum"]}) at step {int(m["step"])} (epoch {epoch}, batch '
+            f'{step_in_epoch - len(fetched) + i + 1} of {loader.num_batches}), learning rate '
+            f'{float(m["learning_rate"]):.3g}; stopped without saving, the last good '
+            f'checkpoint is kept in {ckpts.directory}')
+      if steps_log:
+        steps_log.append({'step': int(m['step']), 'epoch': epoch,
+                          'loss': float(m['loss_sum']) / float(m['count']),
+                          'accuracy': float(m['correct']) / float(m['count'])})
     return _add_sums(sums, fetched)
 
   for batch in loader.epoch(epoch, first_step):
@@ -240,12 +284,10 @@ def _train_epoch(state, sums, epoch, first_step, train_fn, loader, sharding, ckp
     else:
       progress.update(step_in_epoch)
     if stop.signum is not None:
-      sums = drain(pending)
+      progress.close()
       ckpts.save(int(jax.device_get(state.step)), state,
                  {'epoch': epoch, 'step_in_epoch': step_in_epoch, 'train_sums': sums})
       ckpts.wait()
-      ckpts.close()
-      progress.close()
       raise Interrupted(stop.signum)
   sums = drain(pending)
   progress.close()

@@ -40,6 +40,18 @@ def run_cli(compile_cache):
 
 
 @pytest.fixture(scope='session')
+def start_cli(compile_cache):
+  """start_cli('jaxres.train', ...) -> Popen (text pipes), for tests that signal it."""
+
+  def start(module, *args, env=None, cwd=REPO):
+    return subprocess.Popen([sys.executable, '-m', module, *map(str, args)], cwd=cwd,
+                            env=cli_env(env, compile_cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+  return start
+
+
+@pytest.fixture(scope='session')
 def smoke_run(run_cli, tmp_path_factory):
   """A finished smoke training run: (workdir, CompletedProcess)."""
   workdir = tmp_path_factory.mktemp('smoke') / 'run'
@@ -48,6 +60,14 @@ def smoke_run(run_cli, tmp_path_factory):
   return workdir, proc
 
 
-def read_metrics(workdir):
-  with open(Path(workdir) / 'metrics.jsonl') as f:
-    return [json.loads(line) for line in f]
+def read_metrics(workdir, drop_timing=False):
+  """metrics.jsonl's records; drop_timing removes the keys that differ run to run."""
+  path = Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return []
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.endswith('\n')]
+  if drop_timing:
+    from jaxres.train import TIMING_KEYS
+    records = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+  return records
