@@ -57,15 +57,32 @@ def set_learning_rate(opt_state, value):
   return opt_state._replace(hyperparams=hyperparams)
 
 
+# ReduceLROnPlateau's default eps: it skips a reduction of the learning rate by less.
+TORCH_PLATEAU_EPS = 1e-8
+
+
+def torch_min_scale(learning_rate: float, factor: float, eps: float = TORCH_PLATEAU_EPS) -> float:
+  """The plateau scale below which PyTorch never takes `learning_rate`.
+
+  ReduceLROnPlateau sets lr = lr * factor only if the change exceeds `eps`, so it stops
+  at the first lr with lr - lr * factor <= eps (1e-8 for the seed's 1e-3 and 0.1).
+  """
+  lr = learning_rate
+  while lr - lr * factor > eps:
+    lr *= factor
+  return lr / learning_rate
+
+
 def create_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
   """ReduceLROnPlateau(mode='min', threshold_mode='rel') as an optax transform.
 
   optax reduces when the count of bad epochs *reaches* `patience`; PyTorch when it
-  *exceeds* it. Passing patience + 1 makes the two agree step for step (tested against
+  *exceeds* it. Passing patience + 1 makes the two agree step for step, and
+  `torch_min_scale` stops the reductions where PyTorch's eps does (tested against
   torch). Step it once per epoch: `_, state = plateau.update(None, state, value=loss)`;
   the learning-rate multiplier is `state.scale`.
   """
   p = config.plateau
   return contrib.reduce_on_plateau(
       factor=p.factor, patience=p.patience + 1, rtol=p.threshold, atol=0.0,
-      cooldown=p.cooldown)
+      cooldown=p.cooldown, min_scale=torch_min_scale(config.learning_rate, p.factor))

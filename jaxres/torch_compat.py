@@ -270,6 +270,16 @@ def _first_line(error: BaseException) -> str:
   return lines[0] if lines else type(error).__name__
 
 
+def _unpickler_reason(error: BaseException) -> str:
+  """The reason in torch's weights-only refusal (e.g. 'Unsupported global: GLOBAL x ...')."""
+  text = str(error)
+  marker = 'WeightsUnpickler error:'
+  if marker not in text:
+    return _first_line(error)
+  reason = ' '.join(text.split(marker, 1)[1].split('\n\n', 2)[:2]).split('Please use')[0]
+  return ' '.join(reason.split()).rstrip('. ')
+
+
 def _is_state_dict(obj) -> bool:
   return isinstance(obj, Mapping) and bool(obj) and all(
       isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
@@ -288,8 +298,8 @@ def load_torch_checkpoint(path: str) -> 'collections.OrderedDict[str, torch.Tens
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
-    raise UsageError(f'{path}: torch.load(weights_only=True) refused it, so it is not a plain '
-                     f'state_dict of tensors ({_first_line(e)})') from None
+    raise UsageError(f'{path}: torch.load(weights_only=True) refused it ({_unpickler_reason(e)}); '
+                     f'jaxres reads plain state_dicts of tensors only') from None
   except Exception as e:  # pylint: disable=broad-except  (truncated zip, not a torch file)
     raise UsageError(f'{path} is not a readable PyTorch checkpoint '
                      f'({type(e).__name__}: {_first_line(e)})') from None

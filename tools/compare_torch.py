@@ -1,0 +1,341 @@
+"""jaxres next to the seed's PyTorch code: the same training, step by step; or a run's curve.
+
+    python -m tools.compare_torch --steps 20 [--config experiments/base.py] [--config.FIELD=...]
+    python -m tools.compare_torch --metrics runs/base/metrics.jsonl
+
+--steps N: builds jaxres's initial weights for the config (its seed), loads them into the
+PyTorch reference (tests/torch_reference.py) with load_state_dict(strict=True), then trains
+both on CPU on the same N batches of the config's training data (the jaxres loader's
+batches, augmentation included, fed to both). Prints both loss curves, the relative
+difference at each step, and the final difference of every parameter and BatchNorm
+statistic. Exits 1 when a step's loss differs by more than --rtol (relative).
+--float64_reference also runs PyTorch in float64: Adam magnifies float32 rounding in the
+coordinates whose gradients are tiny, so two float32 runs drift apart in the parameters
+even when each step is right; the distance of each float32 run to the float64 one says
+how much drift rounding alone causes.
+
+--metrics FILE: prints a jaxres run's per-epoch numbers next to the seed's published ones
+(epochs 29, 30 and 40 of its notebook's log).
+"""
+
+import copy
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Iterable, Iterator, Optional
+
+from absl import flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+import torch
+
+from jaxres import cli, config_lib, input_pipeline, models, optim, steps, torch_compat, train_state
+from jaxres.errors import UsageError
+from tests import torch_reference
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/base.py',
+                                          'Config file (get_config()); fields overridable.')
+_STEPS = flags.DEFINE_integer('steps', None, 'Train both side by side for this many steps '
+                              '(default 20 when --metrics is not given).')
+_RTOL = flags.DEFINE_float('rtol', 1e-3, 'Largest relative loss difference that counts as parity.')
+_FLOAT64 = flags.DEFINE_bool('float64_reference', False,
+                              'Also run PyTorch in float64: the yardstick for float32 rounding.')
+_METRICS = flags.DEFINE_string('metrics', None, 'A jaxres run\'s metrics.jsonl to set beside '
+                               'the seed\'s published numbers.')
+
+DEFAULT_STEPS = 20
+METRIC_COLUMNS = (('train_loss', 'train loss'), ('train_accuracy', 'train acc'),
+                  ('test_loss', 'test loss'), ('test_accuracy', 'test acc'))
+
+
+# ---------------------------------------------------------------------------- the reference
+
+def torch_model(config, variables) -> torch_reference.ModifiedResNet:
+  """The PyTorch reference for config.model, holding `variables` (strict load)."""
+  m = config.model
+  model = torch_reference.ModifiedResNet(num_blocks=tuple(m.blocks), widths=tuple(m.widths),
+                                         num_classes=m.num_classes)
+  model.load_state_dict(torch_compat.torch_state_dict(variables), strict=True)
+  return model
+
+
+def torch_optimizer(config, model) -> torch.optim.Optimizer:
+  """The torch optimizer that config.optimizer stands for (coupled weight decay)."""
+  if config.optimizer == 'adam':
+    return torch_reference.seed_optimizer(model, lr=config.learning_rate,
+                                          weight_decay=config.weight_decay,
+                                          betas=(config.adam_b1, config.adam_b2),
+                                          eps=config.adam_eps)
+  if config.optimizer == 'sgd':
+    return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
+                           nesterov=config.nesterov, weight_decay=config.weight_decay)
+  raise UsageError(f'config.optimizer={config.optimizer!r} has no PyTorch counterpart here')
+
+
+# ---------------------------------------------------------------------------- side by side
+
+@dataclasses.dataclass
+class Step:
+  """One step: the losses (before the update) and the models after it.
+
+  `reference64` / `float64_loss`: the same PyTorch code in float64 (when asked for), the
+  yardstick for how far float32 rounding alone moves a run.
+  """
+
+  step: int
+  torch_loss: float
+  jax_loss: float
+  state: train_state.TrainState
+  reference: torch.nn.Module
+  float64_loss: Optional[float] = None
+  reference64: Optional[torch.nn.Module] = None
+
+  @property
+  def relative_difference(self) -> float:
+    return relative_difference(self.jax_loss, self.torch_loss)
+
+  def state_dicts(self) -> dict:
+    """{'jaxres', 'torch'[, 'torch_float64']}: state_dicts of the models, as copies."""
+    result = {'jaxres': torch_compat.torch_state_dict(
+                  self.state.variables, num_batches_tracked=int(jax.device_get(self.state.step))),
+              'torch': _copy(self.reference.state_dict())}
+    if self.reference64 is not None:
+      result['torch_float64'] = _copy(self.reference64.state_dict())
+    return result
+
+
+@dataclasses.dataclass
+class Comparison:
+  """What `run_comparison` saw: per-step losses and state_dicts at chosen steps."""
+
+  losses: list  # (step, torch loss, jaxres loss, torch float64 loss or None)
+  snapshots: dict  # step -> Step.state_dicts() after that step
+  ok: bool
+
+
+def _copy(state_dict) -> dict:
+  return {k: v.detach().clone() for k, v in state_dict.items()}
+
+
+def relative_difference(value: float, reference: float) -> float:
+  return abs(value - reference) / max(abs(reference), np.finfo(np.float32).tiny)
+
+
+def initial_state(config) -> train_state.TrainState:
+  """jaxres's initial TrainState for `config` (its seed), as the trainer builds it."""
+  model = models.create_model(config)
+  return jax.jit(functools.partial(train_state.create, config, model,
+                                   optim.create_optimizer(config)))()
+
+
+def side_by_side(config, batches: Iterable[dict], state=None,
+                 float64: bool = False) -> Iterator[Step]:
+  """Train jaxres and the PyTorch reference from the same weights on the same batches.
+
+  Both start from `state` (default: `initial_state(config)`), loaded into PyTorch with
+  load_state_dict(strict=True). jaxres runs its jitted `steps.train_step`; PyTorch the
+  seed's loop (`torch_reference.train_step`), in float32 and, with `float64`, also in
+  float64. Yields a `Step` after each batch.
+  """
+  model = models.create_model(config)
+  tx = optim.create_optimizer(config)
+  state = initial_state(config) if state is None else state
+  reference = torch_model(config, state.variables)
+  torch_opt = torch_optimizer(config, reference)
+  reference64 = copy.deepcopy(reference).double() if float64 else None
+  torch_opt64 = torch_optimizer(config, reference64) if float64 else None
+  train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                       label_smoothing=config.label_smoothing))
+  for i, batch in enumerate(batches, start=1):
+    images, labels = batch['image'], batch['label']
+    torch_loss = torch_reference.train_step(reference, torch_opt, images, labels,
+                                            config.label_smoothing)
+    loss64 = (torch_reference.train_step(reference64, torch_opt64, images, labels,
+                                         config.label_smoothing) if float64 else None)
+    state, metrics = train_fn(state, {'image': images, 'label': labels})
+    metrics = jax.device_get(metrics)
+    yield Step(i, torch_loss, float(metrics['loss_sum'] / metrics['count']), state, reference,
+               loss64, reference64)
+
+
+def is_parameter(key: str) -> bool:
+  """Whether a state_dict key is a trained parameter (not a BatchNorm buffer)."""
+  return not key.rsplit('.', 1)[-1].startswith(('running_', torch_compat.NUM_BATCHES_TRACKED))
+
+
+def differences(ours: dict, theirs: dict) -> dict:
+  """{key: (relative L2 difference, max absolute difference)} of two state_dicts."""
+  result = {}
+  for key, value in theirs.items():
+    a, b = ours[key].double(), value.double()
+    norm = float(torch.linalg.vector_norm(b))
+    diff = float(torch.linalg.vector_norm(a - b))
+    result[key] = (diff / norm if norm else diff, float((a - b).abs().max()) if a.numel() else 0.0)
+  return result
+
+
+def total_difference(ours: dict, theirs: dict, keys) -> float:
+  """Relative L2 difference of the tensors `keys` of two state_dicts, taken together."""
+  diff = sum(float(torch.sum((ours[k].double() - theirs[k].double()) ** 2)) for k in keys)
+  norm = sum(float(torch.sum(theirs[k].double() ** 2)) for k in keys)
+  return (diff / norm) ** 0.5 if norm else diff ** 0.5
+
+
+def training_batches(config, num_steps: int) -> Iterator[dict]:
+  """The first `num_steps` training batches the jaxres trainer would see for `config`."""
+  train, _ = input_pipeline.load(config.data, config.seed)
+  loader = input_pipeline.train_loader(train, config)
+  taken, epoch = 0, 1
+  while taken < num_steps:
+    for batch in loader.epoch(epoch):
+      yield batch
+      taken += 1
+      if taken == num_steps:
+        return
+    epoch += 1
+
+
+def _platform() -> str:
+  """The platform jax computes on here (jax.default_device included)."""
+  return next(iter(jax.numpy.zeros(()).devices())).platform
+
+
+def _worst(diffs: dict, keys) -> tuple:
+  key = max(keys, key=lambda k: diffs[k][0])
+  return key, diffs[key][0], max(diffs[k][1] for k in keys)
+
+
+def run_comparison(config, batches: Iterable[dict], *, rtol: float, log=print, state=None,
+                   snapshot_steps=(), float64: bool = False) -> Comparison:
+  """Train both side by side on `batches`, printing the comparison through `log`.
+
+  `ok` is True when every step's loss agrees within `rtol` (relative). State_dicts are
+  kept after each step in `snapshot_steps` and after the last. With `float64`, PyTorch
+  also runs in float64, and the table shows how far float32 rounding alone moves it.
+  """
+  config_lib.validate(config)
+  m = config.model
+  num_params, _ = config_lib.param_count(config)
+  log(f'compare_torch: ModifiedResNet(widths={tuple(m.widths)}, blocks={tuple(m.blocks)}, '
+      f'num_classes={m.num_classes}), {num_params:,} parameters; {config.optimizer} '
+      f'lr={config.learning_rate:g} weight_decay={config.weight_decay:g}; batches of '
+      f'{config.batch_size} from {config.data.name} (augment {config.data.augment}); '
+      f'{_platform().upper()}, float32, torch {torch.__version__}, jax {jax.__version__}')
+  header = f'{"step":>4}  {"torch loss":>12}  {"jaxres loss":>12}  {"rel diff":>9}'
+  if float64:
+    header += f'  {"torch f64 loss":>14}  {"f32 vs f64":>10}'
+  log(header)
+  t0 = time.perf_counter()
+  losses, snapshots, last = [], {}, None
+  for last in side_by_side(config, batches, state, float64):
+    losses.append((last.step, last.torch_loss, last.jax_loss, last.float64_loss))
+    row = (f'{last.step:>4}  {last.torch_loss:>12.7f}  {last.jax_loss:>12.7f}  '
+           f'{last.relative_difference:>9.2e}')
+    if float64:
+      row += (f'  {last.float64_loss:>14.7f}  '
+              f'{relative_difference(last.torch_loss, last.float64_loss):>10.2e}')
+    log(row)
+    if last.step in snapshot_steps:
+      snapshots[last.step] = last.state_dicts()
+  if last is None:
+    raise UsageError('no training batches: the data is empty')
+  snapshots[last.step] = final = last.state_dicts()
+  step, torch_loss, jax_loss, _ = max(losses, key=lambda r: relative_difference(r[2], r[1]))
+  worst = relative_difference(jax_loss, torch_loss)
+  log(f'max relative loss difference: {worst:.2e} at step {step} (tolerance {rtol:g})')
+  diffs = differences(final['jaxres'], final['torch'])
+  params = [k for k in diffs if is_parameter(k)]
+  stats = [k for k in diffs if k.rsplit('.', 1)[-1].startswith('running_')]
+  key, rel, absolute = _worst(diffs, params)
+  log(f'final parameters: relative L2 difference {total_difference(final["jaxres"], final["torch"], params):.2e} '
+      f'over all, at most {rel:.2e} in one tensor ({key}); max absolute difference {absolute:.2e}')
+  key, rel, absolute = _worst(diffs, stats)
+  log(f'final BatchNorm running statistics: at most {rel:.2e} relative in one tensor ({key}); '
+      f'max absolute difference {absolute:.2e}')
+  if float64:
+    exact = final['torch_float64']
+    log(f'distance to PyTorch float64 (parameters, relative L2 over all): jaxres '
+        f'{total_difference(final["jaxres"], exact, params):.2e}, PyTorch float32 '
+        f'{total_difference(final["torch"], exact, params):.2e}')
+  ok = worst <= rtol
+  log(f'parity {"OK" if ok else "FAILED"} ({time.perf_counter() - t0:.0f} s)')
+  return Comparison(losses, snapshots, ok)
+
+
+# ---------------------------------------------------------------------------- a run's curve
+
+def read_metrics(path: str) -> list:
+  """The epoch records of a jaxres metrics.jsonl."""
+  if not os.path.isfile(path):
+    raise UsageError(f'{path} does not exist (a jaxres workdir holds metrics.jsonl)')
+  records = []
+  with open(path) as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise UsageError(f'{path}, line {number}: not JSON ({e.msg})') from None
+      if 'epoch' not in record:
+        raise UsageError(f'{path}, line {number}: no "epoch" field')
+      records.append(record)
+  if not records:
+    raise UsageError(f'{path} holds no epochs')
+  return records
+
+
+def _cell(value, digits=4) -> str:
+  return '' if value is None else f'{value:.{digits}f}'
+
+
+def metrics_table(records: list, published=None) -> str:
+  """A run's per-epoch numbers beside the seed's published ones, and their differences."""
+  published = torch_reference.PUBLISHED if published is None else published
+  header = f'{"epoch":>5}' + ''.join(f'  {name + " jaxres":>16} {"seed":>6}'
+                                     for _, name in METRIC_COLUMNS) + f'  {"lr":>8}'
+  lines = [header]
+  for r in records:
+    seed = published.get(r['epoch'], {})
+    cells = ''.join(f'  {_cell(r.get(k)):>16} {_cell(seed.get(k)):>6}' for k, _ in METRIC_COLUMNS)
+    lr = r.get('learning_rate')
+    lines.append(f'{r["epoch"]:>5}{cells}  {"" if lr is None else f"{lr:.1e}":>8}')
+  by_epoch = {r['epoch']: r for r in records}
+  compared = [e for e in sorted(published) if e in by_epoch]
+  lines.append('')
+  for epoch in compared:
+    for key, name in METRIC_COLUMNS:
+      if key in published[epoch] and by_epoch[epoch].get(key) is not None:
+        ours, seed = by_epoch[epoch][key], published[epoch][key]
+        lines.append(f'epoch {epoch} {name}: jaxres {ours:.4f}, seed {seed:.4f} '
+                     f'({ours - seed:+.4f})')
+  if not compared:
+    lines.append(f'the run has epochs {records[0]["epoch"]}-{records[-1]["epoch"]}; the seed '
+                 f'published epochs {", ".join(map(str, sorted(published)))} only')
+  return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------- command
+
+def main(argv):
+  if len(argv) > 1:
+    raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _METRICS.value:
+    print(metrics_table(read_metrics(_METRICS.value)))
+  if _STEPS.value is None and _METRICS.value:
+    return 0
+  num_steps = DEFAULT_STEPS if _STEPS.value is None else _STEPS.value
+  if num_steps <= 0:
+    raise UsageError(f'--steps must be positive, got {num_steps}')
+  config = cli.config_value(_CONFIG).copy_and_resolve_references()
+  with jax.default_device(jax.devices('cpu')[0]):
+    result = run_comparison(config, training_batches(config, num_steps), rtol=_RTOL.value,
+                            float64=_FLOAT64.value)
+  return 0 if result.ok else 1
+
+
+if __name__ == '__main__':
+  cli.run(main)
