@@ -223,8 +223,9 @@ class Loader:
   The global batch `batch_size` is the unit of order; process p of P gets rows
   [p*B/P, (p+1)*B/P) of each global batch. The last, partial batch is kept (as the
   seed's DataLoader does) unless drop_last; on several devices it is trimmed to a
-  multiple of the device count (`multiple_of`). With pad_to_full, a partial batch is
-  padded to full size and carries a 'mask' (evaluation).
+  multiple of the device count (`multiple_of`). With pad_to_full (evaluation), every
+  batch is padded to batch_size rounded up to a multiple of `multiple_of` and carries a
+  'mask' of its real rows, so any eval batch size works on any number of devices.
   """
 
   split: Split
@@ -243,6 +244,8 @@ class Loader:
   _plan_cache: tuple = dataclasses.field(default=(None, None), init=False, repr=False)
 
   def __post_init__(self):
+    if self.pad_to_full:
+      return
     if self.batch_size % self.process_count:
       raise UsageError(f'batch size {self.batch_size} does not split over '
                        f'{self.process_count} processes')
@@ -290,10 +293,10 @@ class Loader:
     """Numpy batches {'image': float32 NHWC, 'label': int32[, 'mask']} of one epoch."""
     loader = self._loader()
     self._sampler.epoch, self._sampler.start_step = epoch, start_step
-    local_batch = self.batch_size // self.process_count
+    padded = -(-self.batch_size // self.multiple_of) * self.multiple_of
     for batch in loader:
-      if self.pad_to_full and len(batch['label']) < local_batch:
-        batch = pad_batch(batch, local_batch)
+      if self.pad_to_full and len(batch['label']) < padded // self.process_count:
+        batch = pad_batch(batch, padded // self.process_count)
       yield batch
 
 
@@ -318,7 +321,8 @@ def train_loader(train: Split, config: ml_collections.ConfigDict, process_index=
 
 
 def eval_loader(test: Split, config: ml_collections.ConfigDict, process_index=0,
-                process_count=1) -> Loader:
+                process_count=1, num_devices=1) -> Loader:
   return Loader(test, config.eval_batch_size, test_transform(), seed=config.seed,
                 pad_to_full=True, num_workers=config.data.num_workers,
-                process_index=process_index, process_count=process_count)
+                process_index=process_index, process_count=process_count,
+                multiple_of=num_devices)

@@ -52,7 +52,11 @@ def _log(*args, **kwargs):
 
 
 class _StopRequests:
-  """Turns the first SIGINT/SIGTERM into a request to stop after the current step."""
+  """Turns the first SIGINT/SIGTERM into a request to stop after the current step.
+
+  With several processes, a signal may reach only some of them; `agreed()` makes every
+  process take the same decision (a tiny all-gather, done only at check points).
+  """
 
   def __init__(self):
     self.signum: Optional[int] = None
@@ -69,6 +73,19 @@ class _StopRequests:
       os.kill(os.getpid(), signum)
     self.signum = signum
     print(f'\nsignal {signum}: stopping after this step', file=sys.stderr, flush=True)
+
+  @property
+  def requested(self) -> bool:
+    """This process saw a signal (single process: act on it at once)."""
+    return self.signum is not None and jax.process_count() == 1
+
+  def agreed(self) -> Optional[int]:
+    """The signal number if any process saw one, identically on every process."""
+    if jax.process_count() == 1:
+      return self.signum
+    from jax.experimental import multihost_utils
+    seen = multihost_utils.process_allgather(np.asarray(self.signum or 0, np.int32))
+    return int(np.max(seen)) or None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -154,7 +171,6 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
   mesh = parallel.make_mesh()
   num_devices = mesh.devices.size
   parallel.check_batch_size(config.batch_size, mesh)
-  parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   _check_resume(config, workdir)
   train_split, test_split = input_pipeline.load(config.data, config.seed)
   if train_split.labels.max() >= config.model.num_classes:
@@ -205,7 +221,7 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is
   train_loader = input_pipeline.train_loader(train_split, config, jax.process_index(),
                                              jax.process_count(), num_devices)
   eval_loader = input_pipeline.eval_loader(test_split, config, jax.process_index(),
-                                           jax.process_count())
+                                           jax.process_count(), num_devices)
   train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                        label_smoothing=config.label_smoothing),
                      donate_argnums=0)
@@ -240,9 +256,10 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is
           reporting.plot_curves(records, os.path.join(workdir, 'curves.png'))
           last_plot = time.perf_counter()
       _log(reporting.epoch_line(record, config.num_epochs))
-      if stop.signum is not None:  # arrived during evaluation: the checkpoint is written
+      signum = stop.agreed()
+      if signum:  # arrived during evaluation: the checkpoint is written
         ckpts.wait()
-        raise Interrupted(stop.signum)
+        raise Interrupted(signum)
   ckpts.wait()
   if records:
     _log(f'Final Test Accuracy: {records[-1]["test_accuracy"]:.4f}')
@@ -277,18 +294,20 @@ def _train_epoch(state, sums, epoch, first_step, train_fn, loader, sharding, ckp
     state, metrics = train_fn(state, parallel.global_batch(batch, sharding))
     pending.append(metrics)
     step_in_epoch += 1
-    if len(pending) >= CHECK_EVERY or stop.signum is not None:
+    signum = None
+    if len(pending) >= CHECK_EVERY or stop.requested:
       sums = drain(pending)
       pending = []
       progress.update(step_in_epoch, f'loss {sums["loss_sum"] / max(sums["count"], 1):.4f}')
+      signum = stop.agreed()
     else:
       progress.update(step_in_epoch)
-    if stop.signum is not None:
+    if signum:
       progress.close()
       ckpts.save(int(jax.device_get(state.step)), state,
                  {'epoch': epoch, 'step_in_epoch': step_in_epoch, 'train_sums': sums})
       ckpts.wait()
-      raise Interrupted(stop.signum)
+      raise Interrupted(signum)
   sums = drain(pending)
   progress.close()
   sums['seconds'] = time.perf_counter() - t0
