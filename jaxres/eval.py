@@ -47,9 +47,9 @@ def _torch_state(config, model, path: str, sharding):
 def run_eval(config, state, mesh) -> dict:
   """The evaluation report of `state` on config's test split."""
   _, test = input_pipeline.load(config.data, config.seed)
-  parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   model = models.create_model(config, mesh.devices.size)
-  loader = input_pipeline.eval_loader(test, config, jax.process_index(), jax.process_count())
+  loader = input_pipeline.eval_loader(test, config, jax.process_index(), jax.process_count(),
+                                      mesh.devices.size)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model))
   sums = evaluation.evaluate(eval_fn, state, loader, parallel.data_sharding(mesh))
   return evaluation.report(sums, test.classes)
