@@ -50,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.download = True
   config.data.num_workers = 2
   config.data.augment = 'seed'  # seed | flip_crop | none
-  config.data.on_device = False
+  config.data.on_device = False  # dataset on the accelerator, augmentation in the step
+  config.data.steps_per_dispatch = 1  # on_device: optimizer steps per jitted call (lax.scan)
+  config.data.prefetch = 2  # torchvision path: batches copied to the devices ahead
   config.data.drop_last = False  # the seed keeps the last, partial batch
   config.data.image_size = 32
   # synthetic only

@@ -256,16 +256,25 @@ class Loader:
     keep_rest = not self.drop_last and (self.pad_to_full or rest >= self.multiple_of)
     return full + int(keep_rest and rest > 0)
 
-  def batch_items(self, epoch: int, step: int) -> list:
-    """This process's (index, seed) items of global batch `step` of `epoch`."""
+  def global_rows(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(example indices, augmentation seeds) of global batch `step` of `epoch`."""
     order, seeds = self._plan(epoch)
     window = slice(step * self.batch_size, (step + 1) * self.batch_size)
     rows, seeds = order[window], seeds[window]
     if not self.pad_to_full:
       usable = len(rows) - len(rows) % self.multiple_of
       rows, seeds = rows[:usable], seeds[:usable]
-    per_process = -(-len(rows) // self.process_count)
-    local = slice(self.process_index * per_process, (self.process_index + 1) * per_process)
+    return rows, seeds
+
+  def local_slice(self, num_rows: int) -> slice:
+    """This process's share of a global batch of `num_rows` rows."""
+    per_process = -(-num_rows // self.process_count)
+    return slice(self.process_index * per_process, (self.process_index + 1) * per_process)
+
+  def batch_items(self, epoch: int, step: int) -> list:
+    """This process's (index, seed) items of global batch `step` of `epoch`."""
+    rows, seeds = self.global_rows(epoch, step)
+    local = self.local_slice(len(rows))
     return list(zip(rows[local].tolist(), seeds[local].tolist()))
 
   def _plan(self, epoch):
@@ -290,14 +299,27 @@ class Loader:
     return self._torch_loader
 
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
-    """Numpy batches {'image': float32 NHWC, 'label': int32[, 'mask']} of one epoch."""
-    loader = self._loader()
-    self._sampler.epoch, self._sampler.start_step = epoch, start_step
+    """Numpy batches {'image': float32 NHWC, 'label': int32[, 'mask']} of one epoch.
+
+    With transform=None the batches are normalized whole in numpy (bit for bit what
+    ToTensor + Normalize give, without a DataLoader); otherwise each image goes through
+    the torchvision transform in DataLoader workers.
+    """
+    if self.transform is None:
+      batches = (self._plain_batch(epoch, step) for step in range(start_step, self.num_batches))
+    else:
+      loader = self._loader()
+      self._sampler.epoch, self._sampler.start_step = epoch, start_step
+      batches = iter(loader)
     padded = -(-self.batch_size // self.multiple_of) * self.multiple_of
-    for batch in loader:
-      if self.pad_to_full and len(batch['label']) < padded // self.process_count:
-        batch = pad_batch(batch, padded // self.process_count)
-      yield batch
+    for batch in batches:  # every eval batch has the same shape and a mask: one compile
+      yield pad_batch(batch, padded // self.process_count) if self.pad_to_full else batch
+
+  def _plain_batch(self, epoch: int, step: int) -> dict:
+    rows, _ = self.global_rows(epoch, step)
+    rows = rows[self.local_slice(len(rows))]
+    return {'image': normalize(self.split.images[rows]),
+            'label': self.split.labels[rows].astype(np.int32)}
 
 
 def pad_batch(batch: dict, size: int) -> dict:
@@ -322,7 +344,8 @@ def train_loader(train: Split, config: ml_collections.ConfigDict, process_index=
 
 def eval_loader(test: Split, config: ml_collections.ConfigDict, process_index=0,
                 process_count=1, num_devices=1) -> Loader:
-  return Loader(test, config.eval_batch_size, test_transform(), seed=config.seed,
+  # ToTensor + Normalize (the seed's test transform) done whole in numpy: bit-identical.
+  return Loader(test, config.eval_batch_size, None, seed=config.seed,
                 pad_to_full=True, num_workers=config.data.num_workers,
                 process_index=process_index, process_count=process_count,
                 multiple_of=num_devices)

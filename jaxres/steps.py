@@ -85,3 +85,31 @@ def summarize(metric_sums: dict, prefix: str) -> dict:
   count = max(float(metric_sums['count']), 1.0)
   return {f'{prefix}_loss': float(metric_sums['loss_sum']) / count,
           f'{prefix}_accuracy': float(metric_sums['correct']) / count}
+
+
+def device_batch(data: dict, indices, key, *, policy: str) -> dict:
+  """A training batch made on the device: gather rows of the uint8 dataset `data`,
+  augment them with `policy` (jaxres.augment) from `key`, normalize as the seed does."""
+  from jaxres import augment, input_pipeline
+  images = augment.augment(key, data['image'][indices], policy)
+  mean = jnp.asarray(input_pipeline.MEAN, jnp.float32)
+  std = jnp.asarray(input_pipeline.STD, jnp.float32)
+  return {'image': (images - mean) / std, 'label': data['label'][indices]}
+
+
+def train_steps_on_device(state: TrainState, data: dict, indices, *, model: nn.Module,
+                          tx: optax.GradientTransformation, policy: str,
+                          label_smoothing: float = 0.0):
+  """len(indices) optimizer steps in one dispatch (lax.scan), batches made on the device.
+
+  `indices` is (steps, batch) rows of `data`; step s augments with
+  fold_in(state.rng, s), so the randomness is a pure function of (seed, step).
+  Returns (state, metrics stacked over the steps).
+  """
+
+  def one_step(state, rows):
+    key = jax.random.fold_in(state.rng, state.step)
+    batch = device_batch(data, rows, key, policy=policy)
+    return train_step(state, batch, model=model, tx=tx, label_smoothing=label_smoothing)
+
+  return jax.lax.scan(one_step, state, indices)

@@ -22,7 +22,8 @@ import numpy as np
 from ml_collections import config_flags
 
 from jaxres import checkpoints as checkpoints_lib
-from jaxres import cli, config_lib, evaluation, input_pipeline, models, optim, parallel, reporting, steps
+from jaxres import cli, config_lib, evaluation, feeds, input_pipeline, models, optim, parallel
+from jaxres import reporting, steps
 from jaxres import train_state as train_state_lib
 from jaxres.errors import Interrupted, NonFiniteLossError, UsageError
 
@@ -218,13 +219,10 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is
   if steps_log:
     steps_log.keep_while(lambda r: r['step'] <= int(jax.device_get(state.step)))
 
-  train_loader = input_pipeline.train_loader(train_split, config, jax.process_index(),
-                                             jax.process_count(), num_devices)
+  feed = feeds.create(config, train_split, mesh)
+  train_fn = feed.train_fn(model, tx, config)
   eval_loader = input_pipeline.eval_loader(test_split, config, jax.process_index(),
                                            jax.process_count(), num_devices)
-  train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                       label_smoothing=config.label_smoothing),
-                     donate_argnums=0)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model))
   plateau_fn = jax.jit(functools.partial(steps.plateau_step, plateau=plateau,
                                          base_learning_rate=config.learning_rate))
@@ -237,8 +235,8 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is
     for epoch in range(start_epoch, config.num_epochs + 1):
       resumed = epoch == start_epoch
       state, sums = _train_epoch(state, dict(partial_sums) if resumed else {}, epoch,
-                                 start_step if resumed else 0, train_fn, train_loader,
-                                 batch_sharding, ckpts, config, stop, steps_log)
+                                 start_step if resumed else 0, train_fn, feed, ckpts, config,
+                                 stop, steps_log)
       t_eval = time.perf_counter()
       test_sums = evaluation.evaluate(eval_fn, state, eval_loader, batch_sharding)
       learning_rate = float(jax.device_get(optim.learning_rate(state.opt_state)))
@@ -266,22 +264,29 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is
   return records
 
 
-def _train_epoch(state, sums, epoch, first_step, train_fn, loader, sharding, ckpts, config,
-                 stop, steps_log=None):
+def _per_step(metrics: dict) -> list[dict]:
+  """Fetched metrics of one dispatch (scalars, or stacked over scanned steps) as a list."""
+  if np.ndim(metrics['loss_sum']) == 0:
+    return [metrics]
+  return [{k: v[i] for k, v in metrics.items()} for i in range(len(metrics['loss_sum']))]
+
+
+def _train_epoch(state, sums, epoch, first_step, train_fn, feed, ckpts, config, stop,
+                 steps_log=None):
   """One epoch (from `first_step`): returns (state, train sums incl. 'seconds')."""
-  progress = reporting.Progress(loader.num_batches, f'epoch {epoch}',
+  progress = reporting.Progress(feed.num_batches, f'epoch {epoch}',
                                 enabled=config.progress and parallel.is_main_process())
   t0 = time.perf_counter()
-  pending, step_in_epoch = [], first_step
+  pending, pending_steps, step_in_epoch = [], 0, first_step
 
   def drain(pending):
     """Fetch queued step metrics; stop at the first non-finite loss."""
-    fetched = jax.device_get(pending)
+    fetched = [m for dispatch in jax.device_get(pending) for m in _per_step(dispatch)]
     for i, m in enumerate(fetched):
       if not np.isfinite(m['loss_sum']):
         raise NonFiniteLossError(
             f'non-finite loss ({m["loss_sum"]}) at step {int(m["step"])} (epoch {epoch}, batch '
-            f'{step_in_epoch - len(fetched) + i + 1} of {loader.num_batches}), learning rate '
+            f'{step_in_epoch - len(fetched) + i + 1} of {feed.num_batches}), learning rate '
             f'{float(m["learning_rate"]):.3g}; stopped without saving, the last good '
             f'checkpoint is kept in {ckpts.directory}')
       if steps_log:
@@ -290,14 +295,15 @@ def _train_epoch(state, sums, epoch, first_step, train_fn, loader, sharding, ckp
                           'accuracy': float(m['correct']) / float(m['count'])})
     return _add_sums(sums, fetched)
 
-  for batch in loader.epoch(epoch, first_step):
-    state, metrics = train_fn(state, parallel.global_batch(batch, sharding))
+  for num_steps, args in feed.epoch(epoch, first_step):
+    state, metrics = train_fn(state, *args)
     pending.append(metrics)
-    step_in_epoch += 1
+    pending_steps += num_steps
+    step_in_epoch += num_steps
     signum = None
-    if len(pending) >= CHECK_EVERY or stop.requested:
+    if pending_steps >= CHECK_EVERY or stop.requested:
       sums = drain(pending)
-      pending = []
+      pending, pending_steps = [], 0
       progress.update(step_in_epoch, f'loss {sums["loss_sum"] / max(sums["count"], 1):.4f}')
       signum = stop.agreed()
     else:

@@ -101,6 +101,18 @@ def test_partial_batch_trimmed_to_device_multiple_and_eval_padded():
   batches = list(evaluation.epoch(0))
   assert batches[-1]['mask'].tolist() == [1, 1, 0, 0]
   assert batches[-1]['image'].shape == (4, 32, 32, 3)
+  on_3_devices = input_pipeline.Loader(split, 4, None, pad_to_full=True, multiple_of=3)
+  assert [b['mask'].tolist() for b in on_3_devices.epoch(0)][-1] == [1, 1, 0, 0, 0, 0]
+
+
+def test_eval_batches_without_dataloader_equal_the_torchvision_path():
+  split = _tiny_split(10)
+  plain = list(input_pipeline.Loader(split, 4, None, pad_to_full=True).epoch(0))
+  torch_path = list(input_pipeline.Loader(split, 4, input_pipeline.test_transform(),
+                                          pad_to_full=True).epoch(0))
+  for a, b in zip(plain, torch_path):
+    for key in ('image', 'label', 'mask'):
+      np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_imagefolder(tmp_path):

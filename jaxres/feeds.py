@@ -1,0 +1,116 @@
+"""Feeds: how training batches reach the jitted step.
+
+HostFeed    the reference path: the seed's torchvision transforms in DataLoader workers,
+            each batch copied to the devices by a background thread while the previous
+            step runs (asynchronous prefetch).
+DeviceFeed  config.data.on_device: the uint8 dataset lives on the devices; each dispatch
+            sends only the example indices of `steps_per_dispatch` batches, and the jitted
+            step gathers, augments (jaxres.augment) and normalizes them itself, scanning
+            over the batches (lax.scan) to amortize dispatch.
+
+Both visit the examples in the same order, a pure function of (seed, epoch); both yield
+(number of steps, arguments of the jitted train function after the state).
+"""
+
+import functools
+import queue
+import threading
+from typing import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxres import input_pipeline, parallel, steps
+
+
+def prefetch(iterator: Iterator, size: int) -> Iterator:
+  """Run `iterator` in a background thread, `size` items ahead of the consumer."""
+  if size <= 0:
+    yield from iterator
+    return
+  items: queue.Queue = queue.Queue(maxsize=size)
+  done = object()
+
+  def produce():
+    try:
+      for item in iterator:
+        items.put(item)
+    except BaseException as e:  # pylint: disable=broad-except  # re-raised by the consumer
+      items.put(e)
+    finally:
+      items.put(done)
+
+  threading.Thread(target=produce, daemon=True, name='jaxres-prefetch').start()
+  while (item := items.get()) is not done:
+    if isinstance(item, BaseException):
+      raise item
+    yield item
+
+
+class HostFeed:
+  """torchvision batches (input_pipeline.Loader), prefetched onto the mesh."""
+
+  def __init__(self, loader: input_pipeline.Loader, mesh, prefetch_batches: int = 2):
+    self.loader, self.prefetch_batches = loader, prefetch_batches
+    self.sharding = parallel.data_sharding(mesh)
+    self.num_batches = loader.num_batches
+
+  def epoch(self, epoch: int, start_step: int = 0):
+    batches = (parallel.global_batch(b, self.sharding)
+               for b in self.loader.epoch(epoch, start_step))
+    for batch in prefetch(batches, self.prefetch_batches):
+      yield 1, (batch,)
+
+  @staticmethod
+  def train_fn(model, tx, config):
+    return jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                     label_smoothing=config.label_smoothing),
+                   donate_argnums=0)
+
+
+class DeviceFeed:
+  """The dataset on the devices; index batches scanned `steps_per_dispatch` at a time."""
+
+  def __init__(self, split: input_pipeline.Split, order: input_pipeline.Loader, mesh,
+               steps_per_dispatch: int = 1):
+    self.order, self.steps_per_dispatch = order, steps_per_dispatch
+    self.num_batches = order.num_batches
+    self.index_sharding = NamedSharding(mesh, P(None, parallel.DATA_AXIS))
+    self.data = jax.device_put({'image': split.images, 'label': split.labels.astype(np.int32)},
+                               parallel.replicated(mesh))
+
+  def epoch(self, epoch: int, start_step: int = 0):
+    step = start_step
+    while step < self.num_batches:
+      chunk = []
+      while step < self.num_batches and len(chunk) < self.steps_per_dispatch:
+        rows, _ = self.order.global_rows(epoch, step)
+        if chunk and len(rows) != len(chunk[0]):
+          break  # a partial last batch gets a dispatch of its own
+        chunk.append(rows)
+        step += 1
+      local = np.stack(chunk)[:, self.order.local_slice(len(chunk[0]))].astype(np.int32)
+      indices = jax.make_array_from_process_local_data(self.index_sharding, local)
+      yield len(chunk), (self.data, indices)
+
+  @staticmethod
+  def train_fn(model, tx, config):
+    return jax.jit(functools.partial(steps.train_steps_on_device, model=model, tx=tx,
+                                     policy=config.data.augment,
+                                     label_smoothing=config.label_smoothing),
+                   donate_argnums=0)
+
+
+def create(config, train_split, mesh):
+  """The feed config.data asks for."""
+  num_devices = mesh.devices.size
+  if config.data.on_device:
+    order = input_pipeline.Loader(train_split, config.batch_size, None, seed=config.seed,
+                                  shuffle=True, drop_last=config.data.drop_last,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count(), multiple_of=num_devices)
+    return DeviceFeed(train_split, order, mesh, config.data.steps_per_dispatch)
+  loader = input_pipeline.train_loader(train_split, config, jax.process_index(),
+                                       jax.process_count(), num_devices)
+  return HostFeed(loader, mesh, config.data.prefetch)
