@@ -25,10 +25,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.momentum = 0.9  # sgd only
   config.nesterov = False  # sgd only
   config.label_smoothing = 0.0
+  # Parameter groups (see jaxres.optim.param_labels): regexes over 'module/param' paths.
+  config.frozen = ()  # never trained, e.g. ('whiten/kernel',)
+  config.frozen_after = ()  # ((regex, epochs), ...): trained for `epochs`, then frozen
+  config.bias_lr_scale = 1.0  # BatchNorm biases: learning rate x this, weight decay / this
 
   # ReduceLROnPlateau(mode='min', factor=0.1, patience=5, threshold=1e-4 'rel',
   # cooldown=0), stepped once per epoch on the test loss, as the seed does.
-  config.schedule = 'plateau'  # plateau | constant
+  config.schedule = 'plateau'  # plateau | constant | triangle
+  config.triangle = ml_collections.ConfigDict()  # triangle: factors of learning_rate
+  config.triangle.start = 0.2  # at step 0
+  config.triangle.peak = 0.23  # fraction of the run where the learning rate peaks
+  config.triangle.end = 0.07  # at the last step
   config.plateau = ml_collections.ConfigDict()
   config.plateau.factor = 0.1
   config.plateau.patience = 5
@@ -58,6 +66,17 @@ def get_config() -> ml_collections.ConfigDict:
   # synthetic only
   config.data.synthetic_train_size = 0
   config.data.synthetic_test_size = 0
+
+  # Lookahead with an averaged slow copy of the weights (jaxres.steps.Lookahead).
+  config.lookahead = ml_collections.ConfigDict()
+  config.lookahead.enabled = False
+  config.lookahead.start_epoch = 3
+  config.lookahead.every = 5
+  config.lookahead.decay = 0.95
+  config.lookahead.power = 3.0
+
+  config.eval_every_epoch = True  # False: evaluate on the test set once, after training
+  config.eval_tta = 'none'  # test-time augmentation: none | flip | flip_translate
 
   config.checkpoint_keep = 3  # latest checkpoints kept, besides the best by test accuracy
   config.resume = True

@@ -29,8 +29,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.param_budget > 0, f'config.param_budget must be positive, got {config.param_budget!r}')
   _require(config.dtype in DTYPES, f'config.dtype must be one of {", ".join(DTYPES)}, got {config.dtype!r}')
   _require(config.optimizer in ('adam', 'sgd'), f'config.optimizer must be adam or sgd, got {config.optimizer!r}')
-  _require(config.schedule in ('plateau', 'constant'),
-           f'config.schedule must be plateau or constant, got {config.schedule!r}')
+  _require(config.schedule in ('plateau', 'constant', 'triangle'),
+           f'config.schedule must be plateau, constant or triangle, got {config.schedule!r}')
+  _require(config.bias_lr_scale > 0, 'config.bias_lr_scale must be positive')
+  _require(config.eval_tta in ('none', 'flip', 'flip_translate'),
+           f'config.eval_tta must be none, flip or flip_translate, got {config.eval_tta!r}')
+  _require(config.eval_every_epoch or config.schedule != 'plateau',
+           'config.schedule=plateau steps on the test loss of every epoch: it needs '
+           'config.eval_every_epoch=True')
   _require(0 < config.plateau.factor < 1, f'config.plateau.factor must be in (0, 1), got {config.plateau.factor!r}')
   _require(config.plateau.patience >= 0, 'config.plateau.patience must be >= 0')
   _require(0 <= config.label_smoothing < 1, 'config.label_smoothing must be in [0, 1)')

@@ -63,9 +63,10 @@ class HostFeed:
       yield 1, (batch,)
 
   @staticmethod
-  def train_fn(model, tx, config):
+  def train_fn(model, tx, config, lookahead=None):
     return jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                     label_smoothing=config.label_smoothing),
+                                     label_smoothing=config.label_smoothing,
+                                     lookahead=lookahead),
                    donate_argnums=0)
 
 
@@ -95,10 +96,11 @@ class DeviceFeed:
       yield len(chunk), (self.data, indices)
 
   @staticmethod
-  def train_fn(model, tx, config):
+  def train_fn(model, tx, config, lookahead=None):
     return jax.jit(functools.partial(steps.train_steps_on_device, model=model, tx=tx,
                                      policy=config.data.augment,
-                                     label_smoothing=config.label_smoothing),
+                                     label_smoothing=config.label_smoothing,
+                                     lookahead=lookahead),
                    donate_argnums=0)
 
 

@@ -10,9 +10,10 @@ from typing import Optional
 def epoch_line(record: dict, num_epochs: int) -> str:
   """The seed's per-epoch report, plus learning rate, seconds and images/s."""
   r = record
+  test = (f"Test Loss: {r['test_loss']:.4f}, Test Acc: {r['test_accuracy']:.4f}, "
+          if 'test_loss' in r else '')
   return (f"Epoch [{r['epoch']}/{num_epochs}], Train Loss: {r['train_loss']:.4f}, "
-          f"Train Acc: {r['train_accuracy']:.4f}, Test Loss: {r['test_loss']:.4f}, "
-          f"Test Acc: {r['test_accuracy']:.4f}, LR: {r['learning_rate']:.2e}, "
+          f"Train Acc: {r['train_accuracy']:.4f}, {test}LR: {r['learning_rate']:.2e}, "
           f"Time: {r['epoch_seconds']:.1f}s, {r['images_per_second']:.0f} img/s")
 
 
@@ -96,11 +97,15 @@ def plot_curves(records: list[dict], path: str, title: Optional[str] = None):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  epochs = [r['epoch'] for r in records]
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   for split in ('train', 'test'):
-    ax_loss.plot(epochs, [r[f'{split}_loss'] for r in records], label=f'{split} loss')
-    ax_acc.plot(epochs, [r[f'{split}_accuracy'] for r in records], label=f'{split} accuracy')
+    points = [(r['epoch'], r[f'{split}_loss'], r[f'{split}_accuracy'])
+              for r in records if f'{split}_loss' in r]
+    if points:
+      x, loss, acc = zip(*points)
+      style = '-' if len(points) > 1 else 'o'
+      ax_loss.plot(x, loss, style, label=f'{split} loss')
+      ax_acc.plot(x, acc, style, label=f'{split} accuracy')
   for ax, name in ((ax_loss, 'loss'), (ax_acc, 'accuracy')):
     ax.set_xlabel('epoch')
     ax.set_ylabel(name)

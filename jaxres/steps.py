@@ -4,6 +4,7 @@ Metrics are sums over the batch (loss_sum, correct, count), so any number of ste
 devices or hosts reduce by addition; divide at the end.
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -32,8 +33,12 @@ def _sums(logits, labels, losses, mask=None):
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
-               tx: optax.GradientTransformation, label_smoothing: float = 0.0):
-  """One optimizer step on `batch` {'image': NHWC float, 'label': int}."""
+               tx: optax.GradientTransformation, label_smoothing: float = 0.0,
+               lookahead=None):
+  """One optimizer step on `batch` {'image': NHWC float, 'label': int}.
+
+  `lookahead` (a Lookahead) pulls the weights towards their slow copy after the update.
+  """
 
   def loss_fn(params):
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
@@ -48,15 +53,89 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   metrics['step'] = state.step + 1
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=batch_stats, opt_state=opt_state)
+  if lookahead is not None:
+    new_state = lookahead.update(new_state)
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Lookahead:
+  """Lookahead with an averaged slow copy, as the airbench speed runs use it.
+
+  Every `every` steps from `start_step` on, the slow copy of params and BatchNorm
+  statistics moves towards the fast one, slow = rho * slow + (1 - rho) * fast, and the
+  fast weights are reset to it. rho = decay**every * (step / total_steps)**power grows
+  over training: move fast early, average strongly at the end. The first such step only
+  takes the copy. `sync` (end of each epoch) resets the fast weights to the slow copy.
+  """
+
+  start_step: int
+  total_steps: int
+  every: int = 5
+  decay: float = 0.95
+  power: float = 3.0
+
+  @property
+  def first_step(self) -> int:
+    return -(-max(self.start_step, 1) // self.every) * self.every
+
+  def update(self, state: TrainState) -> TrainState:
+    step = state.step
+    active = (step >= self.first_step) & (step % self.every == 0)
+    rho = (self.decay ** self.every) * (step / self.total_steps) ** self.power
+    rho = jnp.where(step == self.first_step, 0.0, rho)
+    fast = {'params': state.params, 'batch_stats': state.batch_stats}
+    moved = jax.tree.map(lambda s, f: jnp.where(active, rho * s + (1 - rho) * f, s),
+                         state.slow, fast)
+    new_fast = jax.tree.map(lambda m, f: jnp.where(active, m, f), moved, fast)
+    return state.replace(params=new_fast['params'], batch_stats=new_fast['batch_stats'],
+                         slow=moved)
+
+  def sync(self, state: TrainState) -> TrainState:
+    started = state.step >= self.first_step
+    pick = lambda s, f: jnp.where(started, s, f)
+    return state.replace(params=jax.tree.map(pick, state.slow['params'], state.params),
+                         batch_stats=jax.tree.map(pick, state.slow['batch_stats'],
+                                                  state.batch_stats))
+
+
+def create_lookahead(config, steps_per_epoch: int):
+  """The Lookahead config.lookahead describes, or None."""
+  la = config.get('lookahead')
+  if la is None or not la.enabled:
+    return None
+  return Lookahead(start_step=la.start_epoch * steps_per_epoch,
+                   total_steps=config.num_epochs * steps_per_epoch,
+                   every=la.every, decay=la.decay, power=la.power)
+
+
+def tta_logits(model: nn.Module, variables, images, tta: str = 'none'):
+  """Eval-mode logits, averaged over test-time augmentations of NHWC `images`.
+
+  none: the images. flip: the mean of the image and its mirror. flip_translate: half the
+  flip logits plus a quarter each of the flip logits of the image shifted one pixel up-left
+  and one pixel down-right (reflect padding), as the airbench speed runs do.
+  """
+  forward = lambda x: model.apply(variables, x, train=False)
+  mirror = lambda x: 0.5 * (forward(x) + forward(jnp.flip(x, axis=2)))
+  if tta == 'none':
+    return forward(images)
+  if tta == 'flip':
+    return mirror(images)
+  if tta == 'flip_translate':
+    h, w = images.shape[1:3]
+    padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+    shifted = (padded[:, :h, :w], padded[:, 2:h + 2, 2:w + 2])
+    return 0.5 * mirror(images) + 0.25 * (mirror(shifted[0]) + mirror(shifted[1]))
+  raise ValueError(f'unknown test-time augmentation {tta!r}')
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module, tta: str = 'none') -> dict:
   """Metric sums on `batch` in eval mode; rows with mask 0 (padding) do not count.
 
   Also returns the batch's confusion matrix (rows: true class, columns: predicted).
   """
-  logits = model.apply(state.variables, batch['image'], train=False)
+  logits = tta_logits(model, state.variables, batch['image'], tta)
   losses = cross_entropy(logits, batch['label'])
   mask = batch.get('mask')
   metrics = _sums(logits, batch['label'], losses, mask)
@@ -99,7 +178,7 @@ def device_batch(data: dict, indices, key, *, policy: str) -> dict:
 
 def train_steps_on_device(state: TrainState, data: dict, indices, *, model: nn.Module,
                           tx: optax.GradientTransformation, policy: str,
-                          label_smoothing: float = 0.0):
+                          label_smoothing: float = 0.0, lookahead=None):
   """len(indices) optimizer steps in one dispatch (lax.scan), batches made on the device.
 
   `indices` is (steps, batch) rows of `data`; step s augments with
@@ -110,6 +189,7 @@ def train_steps_on_device(state: TrainState, data: dict, indices, *, model: nn.M
   def one_step(state, rows):
     key = jax.random.fold_in(state.rng, state.step)
     batch = device_batch(data, rows, key, policy=policy)
-    return train_step(state, batch, model=model, tx=tx, label_smoothing=label_smoothing)
+    return train_step(state, batch, model=model, tx=tx, label_smoothing=label_smoothing,
+                      lookahead=lookahead)
 
   return jax.lax.scan(one_step, state, indices)

@@ -122,9 +122,11 @@ def _check_resume(config, workdir: str) -> None:
 
 
 def _epoch_record(epoch, train_sums, test_sums, learning_rate, seconds, images) -> dict:
+  """One line of metrics.jsonl; test_sums is None for an epoch without evaluation."""
   record = {'epoch': epoch}
   record.update(steps.summarize(train_sums, 'train'))
-  record.update(steps.summarize(test_sums, 'test'))
+  if test_sums is not None:
+    record.update(steps.summarize(test_sums, 'test'))
   record['learning_rate'] = float(learning_rate)
   record['epoch_seconds'] = round(seconds, 3)
   record['images_per_second'] = round(images / max(seconds, 1e-9), 1)
@@ -198,14 +200,17 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
 def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is_main):
   num_devices = mesh.devices.size
   model = models.create_model(config, num_devices)
-  tx = optim.create_optimizer(config)
+  feed = feeds.create(config, train_split, mesh)
+  tx = optim.create_optimizer(config, steps_per_epoch=feed.num_batches)
+  lookahead = steps.create_lookahead(config, feed.num_batches)
   plateau = optim.create_plateau(config)
   batch_sharding = parallel.data_sharding(mesh)
+  overrides = models.data_init(config, train_split)
   state = jax.jit(functools.partial(train_state_lib.create, config, model, tx),
-                  out_shardings=parallel.replicated(mesh))()
+                  out_shardings=parallel.replicated(mesh))(overrides)
   state, start_epoch, start_step, partial_sums, records = _prepare_workdir(
       config, workdir, ckpts, state, is_main)
-  if start_epoch > 1 or start_step:
+  if (start_epoch > 1 or start_step) and config.schedule == 'plateau':
     # A resumed run takes config.learning_rate (it may have been changed on purpose with
     # allow_config_change); unchanged, this recomputes the learning rate bit for bit.
     state = jax.jit(functools.partial(steps.apply_plateau_scale,
@@ -219,11 +224,11 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is
   if steps_log:
     steps_log.keep_while(lambda r: r['step'] <= int(jax.device_get(state.step)))
 
-  feed = feeds.create(config, train_split, mesh)
-  train_fn = feed.train_fn(model, tx, config)
+  train_fn = feed.train_fn(model, tx, config, lookahead)
+  sync_fn = jax.jit(lookahead.sync, donate_argnums=0) if lookahead else None
   eval_loader = input_pipeline.eval_loader(test_split, config, jax.process_index(),
                                            jax.process_count(), num_devices)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model))
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, tta=config.eval_tta))
   plateau_fn = jax.jit(functools.partial(steps.plateau_step, plateau=plateau,
                                          base_learning_rate=config.learning_rate))
 
@@ -237,15 +242,19 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is
       state, sums = _train_epoch(state, dict(partial_sums) if resumed else {}, epoch,
                                  start_step if resumed else 0, train_fn, feed, ckpts, config,
                                  stop, steps_log)
+      if sync_fn:
+        state = sync_fn(state)
       t_eval = time.perf_counter()
-      test_sums = evaluation.evaluate(eval_fn, state, eval_loader, batch_sharding)
+      evaluate_now = config.eval_every_epoch or epoch == config.num_epochs
+      test_sums = (evaluation.evaluate(eval_fn, state, eval_loader, batch_sharding)
+                   if evaluate_now else None)
       learning_rate = float(jax.device_get(optim.learning_rate(state.opt_state)))
       seconds = sums.pop('seconds')
       record = _epoch_record(epoch, sums, test_sums, learning_rate, seconds, sums['count'])
       if config.schedule == 'plateau':
         state = plateau_fn(state, record['test_loss'])
       ckpts.save(int(jax.device_get(state.step)), state, {'epoch': epoch, 'step_in_epoch': 0},
-                 metrics={'test_accuracy': record['test_accuracy']})
+                 metrics={'test_accuracy': record['test_accuracy']} if evaluate_now else None)
       record['eval_seconds'] = round(time.perf_counter() - t_eval, 3)
       records.append(record)
       if is_main:

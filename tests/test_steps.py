@@ -1,0 +1,87 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import smoke
+from jaxres import models, optim, steps, train_state
+
+
+def _state(config):
+  model = models.create_model(config)
+  tx = optim.create_optimizer(config)
+  return model, tx, jax.jit(functools.partial(train_state.create, config, model, tx))()
+
+
+def _tiny_config():
+  config = smoke.get_config()
+  config.model.widths, config.model.blocks = (4, 4, 4, 4), (1, 1, 1, 1)
+  return config
+
+
+def test_lookahead_averages_and_copies_back():
+  config = _tiny_config()
+  config.lookahead.enabled = True
+  _, _, state = _state(config)
+  la = steps.Lookahead(start_step=2, total_steps=10, every=2, decay=0.9, power=1.0)
+  assert la.first_step == 2
+  slow0 = jax.tree.map(lambda x: x + 1.0, state.params)
+  state = state.replace(slow={'params': slow0, 'batch_stats': state.batch_stats})
+  update, sync = jax.jit(la.update), jax.jit(la.sync)
+  untouched = update(state.replace(step=jnp.asarray(1)))  # before start: nothing
+  np.testing.assert_array_equal(untouched.params['linear']['bias'], state.params['linear']['bias'])
+  first = update(state.replace(step=jnp.asarray(2)))  # first step takes the copy
+  np.testing.assert_array_equal(first.slow['params']['linear']['bias'], state.params['linear']['bias'])
+  s = state.replace(step=jnp.asarray(4))
+  moved = update(s)
+  rho = 0.9 ** 2 * (4 / 10)
+  expected = rho * slow0['linear']['bias'] + (1 - rho) * s.params['linear']['bias']
+  np.testing.assert_allclose(moved.slow['params']['linear']['bias'], expected, rtol=1e-6)
+  np.testing.assert_allclose(moved.params['linear']['bias'], expected, rtol=1e-6)
+  synced = sync(s.replace(step=jnp.asarray(5)))
+  np.testing.assert_array_equal(synced.params['linear']['bias'], slow0['linear']['bias'])
+
+
+def test_tta_views():
+  config = _tiny_config()
+  model, _, state = _state(config)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  logits = functools.partial(steps.tta_logits, model, state.variables)
+  none = jax.jit(functools.partial(logits, tta='none'))
+  plain, flipped = none(images), none(jnp.flip(images, axis=2))
+  np.testing.assert_allclose(jax.jit(functools.partial(logits, tta='flip'))(images),
+                             0.5 * (plain + flipped), rtol=1e-5, atol=1e-6)
+  padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+  up_left, down_right = padded[:, :32, :32], padded[:, 2:, 2:]
+  mirror = lambda x: 0.5 * (none(x) + none(jnp.flip(x, axis=2)))
+  expected = 0.5 * mirror(images) + 0.25 * (mirror(up_left) + mirror(down_right))
+  np.testing.assert_allclose(jax.jit(functools.partial(logits, tta='flip_translate'))(images),
+                             expected, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError):
+    steps.tta_logits(model, state.variables, images, 'rotate')
+
+
+def test_train_step_is_pure_and_counts():
+  config = _tiny_config()
+  model, tx, state = _state(config)
+  batch = {'image': jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3)),
+           'label': jnp.arange(8) % 10}
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx))
+  a, ma = step(state, batch)
+  b, mb = step(state, batch)
+  assert int(a.step) == 1 and int(ma['step']) == 1 and float(ma['count']) == 8
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  assert not np.allclose(a.params['linear']['kernel'], state.params['linear']['kernel'])
+
+
+def test_eval_step_masks_padding_and_counts_confusion():
+  config = _tiny_config()
+  model, _, state = _state(config)
+  batch = {'image': jnp.zeros((4, 32, 32, 3)), 'label': jnp.array([1, 2, 3, 0]),
+           'mask': jnp.array([1.0, 1.0, 1.0, 0.0])}
+  m = jax.jit(functools.partial(steps.eval_step, model=model))(state, batch)
+  assert float(m['count']) == 3 and float(m['confusion'].sum()) == 3
+  assert float(m['confusion'][0].sum()) == 0  # the padded row (label 0) does not count
