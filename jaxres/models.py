@@ -80,8 +80,7 @@ def create_model(config: ml_collections.ConfigDict, num_devices: int = 1) -> nn.
       widths=tuple(m.widths), blocks=tuple(m.blocks), num_classes=m.num_classes,
       bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
       bn_groups=1 if m.sync_batch_stats else num_devices,
-      dtype=jnp.dtype(config.dtype),
-      conv_impl=m.get('conv_impl', 'xla'))
+      dtype=jnp.dtype(config.dtype))
 
 
 def data_init(config: ml_collections.ConfigDict, train_split) -> dict:
