@@ -63,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.prefetch = 2  # torchvision path: batches copied to the devices ahead
   config.data.drop_last = False  # the seed keeps the last, partial batch
   config.data.image_size = 32
+  config.data.mean = (0.5, 0.5, 0.5)  # Normalize(mean, std), as the seed
+  config.data.std = (0.5, 0.5, 0.5)
   # synthetic only
   config.data.synthetic_train_size = 0
   config.data.synthetic_test_size = 0

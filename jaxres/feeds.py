@@ -99,6 +99,7 @@ class DeviceFeed:
   def train_fn(model, tx, config, lookahead=None):
     return jax.jit(functools.partial(steps.train_steps_on_device, model=model, tx=tx,
                                      policy=config.data.augment,
+                                     mean=tuple(config.data.mean), std=tuple(config.data.std),
                                      label_smoothing=config.label_smoothing,
                                      lookahead=lookahead),
                    donate_argnums=0)

@@ -44,7 +44,7 @@ class Split:
 
 # ---------------------------------------------------------------------------- transforms
 
-def train_transform(augment: str, image_size: int = 32):
+def train_transform(augment: str, image_size: int = 32, mean=MEAN, std=STD):
   """The torchvision transform for training batches. 'seed' is the seed's list."""
   import torchvision.transforms as T
   if augment == 'seed':
@@ -59,18 +59,21 @@ def train_transform(augment: str, image_size: int = 32):
     ops = []
   else:
     raise UsageError(f'unknown data.augment {augment!r} (choose seed, flip_crop or none)')
-  return T.Compose(ops + [T.ToTensor(), T.Normalize(MEAN, STD)])
+  return T.Compose(ops + [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
 
 
-def test_transform():
+def test_transform(mean=MEAN, std=STD):
   import torchvision.transforms as T
-  return T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+  return T.Compose([T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
 
 
-def normalize(images_uint8: np.ndarray) -> np.ndarray:
-  """ToTensor + Normalize for a whole uint8 NHWC array, bit for bit as torchvision."""
-  x = images_uint8.astype(np.float32) / np.float32(255)
-  return (x - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+def normalize(images_uint8, mean=MEAN, std=STD, xp=np):
+  """ToTensor + Normalize for a whole uint8 NHWC array, bit for bit as torchvision.
+
+  `xp` is numpy (host batches) or jax.numpy (batches made on the device).
+  """
+  x = images_uint8.astype(xp.float32) / xp.float32(255)
+  return (x - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -240,6 +243,8 @@ class Loader:
   process_index: int = 0
   process_count: int = 1
   multiple_of: int = 1  # a partial batch is trimmed to a multiple of this (device count)
+  mean: tuple = MEAN  # normalization of the transform=None path
+  std: tuple = STD
   _torch_loader: Optional[object] = dataclasses.field(default=None, init=False, repr=False)
   _plan_cache: tuple = dataclasses.field(default=(None, None), init=False, repr=False)
 
@@ -318,7 +323,7 @@ class Loader:
   def _plain_batch(self, epoch: int, step: int) -> dict:
     rows, _ = self.global_rows(epoch, step)
     rows = rows[self.local_slice(len(rows))]
-    return {'image': normalize(self.split.images[rows]),
+    return {'image': normalize(self.split.images[rows], self.mean, self.std),
             'label': self.split.labels[rows].astype(np.int32)}
 
 
@@ -335,7 +340,8 @@ def pad_batch(batch: dict, size: int) -> dict:
 def train_loader(train: Split, config: ml_collections.ConfigDict, process_index=0,
                  process_count=1, num_devices=1) -> Loader:
   return Loader(train, config.batch_size, train_transform(config.data.augment,
-                                                          config.data.image_size),
+                                                          config.data.image_size,
+                                                          config.data.mean, config.data.std),
                 seed=config.seed, shuffle=True, augment_seeds=True,
                 drop_last=config.data.drop_last, num_workers=config.data.num_workers,
                 process_index=process_index, process_count=process_count,
@@ -348,4 +354,5 @@ def eval_loader(test: Split, config: ml_collections.ConfigDict, process_index=0,
   return Loader(test, config.eval_batch_size, None, seed=config.seed,
                 pad_to_full=True, num_workers=config.data.num_workers,
                 process_index=process_index, process_count=process_count,
-                multiple_of=num_devices)
+                multiple_of=num_devices, mean=tuple(config.data.mean),
+                std=tuple(config.data.std))

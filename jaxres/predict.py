@@ -11,7 +11,6 @@ PATH is one of:
 The CSV has the header `ID,Labels`, as the seed wrote it, with numeric class labels.
 """
 
-import functools
 import io
 import os
 import pickle
@@ -20,7 +19,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from jaxres import checkpoints, cli, input_pipeline, parallel
+from jaxres import checkpoints, cli, input_pipeline, parallel, steps
 from jaxres.errors import UsageError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A jaxres run directory.')
@@ -96,12 +95,13 @@ def read_images(path: str, size: int = 32) -> tuple[list, np.ndarray]:
   return ids, images
 
 
-def predict_labels(model, state, images: np.ndarray, batch_size: int) -> np.ndarray:
-  """Predicted class of each uint8 NHWC image (eval mode)."""
-  forward = jax.jit(functools.partial(model.apply, train=False))
+def predict_labels(model, state, images: np.ndarray, batch_size: int,
+                   mean=input_pipeline.MEAN, std=input_pipeline.STD, tta: str = 'none') -> np.ndarray:
+  """Predicted class of each uint8 NHWC image (eval mode, the run's normalization)."""
+  forward = jax.jit(lambda variables, x: steps.tta_logits(model, variables, x, tta))
   labels = []
   for i in range(0, len(images), batch_size):
-    x = input_pipeline.normalize(images[i:i + batch_size])
+    x = input_pipeline.normalize(images[i:i + batch_size], mean, std)
     labels.append(np.asarray(jax.device_get(jax.numpy.argmax(forward(state.variables, x), -1))))
   return np.concatenate(labels)
 
@@ -128,7 +128,8 @@ def main(argv):
   mesh = parallel.make_mesh()
   config, model, state, step = checkpoints.load_run(_WORKDIR.value, _STEP.value, mesh)
   ids, images = read_images(_INPUT.value, config.data.image_size)
-  labels = predict_labels(model, state, images, _BATCH.value)
+  labels = predict_labels(model, state, images, _BATCH.value, tuple(config.data.mean),
+                          tuple(config.data.std), config.eval_tta)
   write_csv(_OUTPUT.value, ids, labels)
   print(f'wrote {len(labels)} predictions to {_OUTPUT.value} (checkpoint {step})')
 

@@ -166,18 +166,17 @@ def summarize(metric_sums: dict, prefix: str) -> dict:
           f'{prefix}_accuracy': float(metric_sums['correct']) / count}
 
 
-def device_batch(data: dict, indices, key, *, policy: str) -> dict:
+def device_batch(data: dict, indices, key, *, policy: str, mean, std) -> dict:
   """A training batch made on the device: gather rows of the uint8 dataset `data`,
-  augment them with `policy` (jaxres.augment) from `key`, normalize as the seed does."""
-  from jaxres import augment, input_pipeline
+  augment them with `policy` (jaxres.augment) from `key`, normalize with mean and std."""
+  from jaxres import augment
   images = augment.augment(key, data['image'][indices], policy)
-  mean = jnp.asarray(input_pipeline.MEAN, jnp.float32)
-  std = jnp.asarray(input_pipeline.STD, jnp.float32)
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
   return {'image': (images - mean) / std, 'label': data['label'][indices]}
 
 
 def train_steps_on_device(state: TrainState, data: dict, indices, *, model: nn.Module,
-                          tx: optax.GradientTransformation, policy: str,
+                          tx: optax.GradientTransformation, policy: str, mean, std,
                           label_smoothing: float = 0.0, lookahead=None):
   """len(indices) optimizer steps in one dispatch (lax.scan), batches made on the device.
 
@@ -188,7 +187,7 @@ def train_steps_on_device(state: TrainState, data: dict, indices, *, model: nn.M
 
   def one_step(state, rows):
     key = jax.random.fold_in(state.rng, state.step)
-    batch = device_batch(data, rows, key, policy=policy)
+    batch = device_batch(data, rows, key, policy=policy, mean=mean, std=std)
     return train_step(state, batch, model=model, tx=tx, label_smoothing=label_smoothing,
                       lookahead=lookahead)
 
