@@ -40,6 +40,7 @@ class BatchNorm(nn.Module):
       with the batch sharded over devices in order, group g is device g's shard).
       Running statistics take the mean over groups, so they are identical everywhere.
     dtype: dtype of the output; statistics are always computed in float32.
+    use_scale: learn a scale (PyTorch's affine weight); False fixes it at 1.
   """
 
   use_running_average: bool = False
@@ -47,11 +48,13 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   num_groups: int = 1
   dtype: Optional[Any] = None
+  use_scale: bool = True
 
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    scale = (self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+             if self.use_scale else jnp.ones((features,), jnp.float32))
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
