@@ -162,18 +162,19 @@ def test_rotate_translate_is_rotate_then_translate():
 
 # ---------------------------------------------------------------------------- colour
 
-COLOUR_OPS = [(augment.adjust_brightness, F.adjust_brightness, (0.0, 0.8, 1.0, 1.2, 2.0)),
-              (augment.adjust_contrast, F.adjust_contrast, (0.0, 0.8, 1.0, 1.2, 2.0)),
-              (augment.adjust_saturation, F.adjust_saturation, (0.0, 0.8, 1.0, 1.2, 2.0)),
-              (augment.adjust_hue, F.adjust_hue, (-0.5, -0.1, 0.0, 0.1, 0.5))]
+# (our op, torchvision's, factor range, extreme factors also tried)
+COLOUR_OPS = [(augment.adjust_brightness, F.adjust_brightness, (0.8, 1.2), (0.0, 1.0, 2.0)),
+              (augment.adjust_contrast, F.adjust_contrast, (0.8, 1.2), (0.0, 1.0, 2.0)),
+              (augment.adjust_saturation, F.adjust_saturation, (0.8, 1.2), (0.0, 1.0, 2.0)),
+              (augment.adjust_hue, F.adjust_hue, (-0.1, 0.1), (-0.5, 0.0, 0.5))]
 
 
-@pytest.mark.parametrize('ours,theirs,extremes', COLOUR_OPS,
-                         ids=[op.__name__ for op, _, _ in COLOUR_OPS])
-def test_colour_op_is_torchvision(ours, theirs, extremes):
+@pytest.mark.parametrize('ours,theirs,factor_range,extremes', COLOUR_OPS,
+                         ids=[op.__name__ for op, *_ in COLOUR_OPS])
+def test_colour_op_is_torchvision(ours, theirs, factor_range, extremes):
   rng = np.random.default_rng(1)
-  low, high = extremes[1], extremes[-2]
-  factors = np.concatenate([extremes, rng.uniform(low, high, 11)]).astype(np.float32)
+  factors = np.concatenate([extremes, factor_range, rng.uniform(*factor_range, 11)])
+  factors = factors.astype(np.float32)
   images = _float_images(len(factors))
   expected = _torchvision(images, lambda t, f: theirs(t, float(f)), factors)
   result = jax.jit(ours)(images, factors)
@@ -238,7 +239,10 @@ def _seed_parameters(key):
               jitter=augment.sample_color_jitter(key, batch, **augment.SEED_JITTER),
               angle=augment.sample_rotation(key, batch, augment.SEED_ROTATION_DEGREES),
               translate=augment.sample_translate(key, batch, augment.SEED_TRANSLATE_FRACTION,
-                                                 32, 32))
+                                                 32, 32),
+              rotation_translate=augment.sample_rotation_translate(
+                  key, batch, augment.SEED_ROTATION_DEGREES, augment.SEED_TRANSLATE_FRACTION,
+                  32, 32))
 
 
 def test_sampled_parameters_follow_torchvision_distributions():
@@ -257,11 +261,13 @@ def test_sampled_parameters_follow_torchvision_distributions():
   np.testing.assert_array_equal(np.sort(orders, axis=1), np.tile(np.arange(4), (len(orders), 1)))
   assert len({tuple(o) for o in orders}) == 24
 
-  assert -15 <= p['angle'].min() < -14.9 and 14.9 < p['angle'].max() <= 15
-  for shift in p['translate']:
-    assert shift.dtype == np.int32 and set(np.unique(shift)) == set(range(-3, 4))
-  # round(U(-3.2, 3.2)), not a uniform integer: |dx| = 3 has mass 1.4 / 6.4, not 2 / 7.
-  assert 0.19 < np.mean(np.abs(p['translate'][0]) == 3) < 0.25
+  angle, *translate = p['rotation_translate']
+  for angles, shifts in ((p['angle'], p['translate']), (angle, translate)):
+    assert -15 <= angles.min() < -14.9 and 14.9 < angles.max() <= 15
+    for shift in shifts:
+      assert shift.dtype == np.int32 and set(np.unique(shift)) == set(range(-3, 4))
+      # round(U(-3.2, 3.2)), not a uniform integer: |dx| = 3 has mass 1.4 / 6.4, not 2 / 7.
+      assert 0.19 < np.mean(np.abs(shift) == 3) < 0.25
   assert augment.max_translation(0.1, 32) == 3
 
 
@@ -325,7 +331,8 @@ def _policy_params(key, batch):
 def _torchvision_policy(policy, params):
   """transforms(i): input_pipeline's torchvision transforms for `policy` (without ToTensor
   and Normalize), drawing image i's parameters from `params` instead of torch's RNG."""
-  ops = input_pipeline.train_transform(policy).transforms[:-2]
+  ops = [op for op in input_pipeline.train_transform(policy).transforms
+         if not isinstance(op, (T.ToTensor, T.Normalize))]
   p = jax.tree.map(np.asarray, params)
   current = {}
 
