@@ -183,6 +183,11 @@ def train_steps_on_device(state: TrainState, data: dict, indices, *, model: nn.M
   `indices` is (steps, batch) rows of `data`; step s augments with
   fold_in(state.rng, s), so the randomness is a pure function of (seed, step).
   Returns (state, metrics stacked over the steps).
+
+  On the CPU the scan is unrolled: XLA's CPU backend runs convolutions inside a while
+  loop about 15x slower than the same convolutions outside one (measured here, smoke
+  model, batch 64: 2.9 s vs 0.18 s per step), while unrolled steps cost what separate
+  steps do. On accelerators the loop stays rolled (compile time does not grow with it).
   """
 
   def one_step(state, rows):
@@ -191,4 +196,4 @@ def train_steps_on_device(state: TrainState, data: dict, indices, *, model: nn.M
     return train_step(state, batch, model=model, tx=tx, label_smoothing=label_smoothing,
                       lookahead=lookahead)
 
-  return jax.lax.scan(one_step, state, indices)
+  return jax.lax.scan(one_step, state, indices, unroll=jax.default_backend() == 'cpu')

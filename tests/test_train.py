@@ -42,3 +42,18 @@ def test_missing_cifar10_offline_is_one_line_exit_2(run_cli, tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and 'CIFAR-10 not found under' in lines[0], proc.stderr
   assert 'Traceback' not in proc.stderr and not (tmp_path / 'w').exists()
+
+
+def test_on_device_feed_scans_steps_and_keeps_the_partial_batch(run_cli, tmp_path):
+  workdir = tmp_path / 'on_device'
+  proc = run_cli('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', workdir,
+                 '--config.data.on_device=True', '--config.data.steps_per_dispatch=4',
+                 '--config.data.synthetic_train_size=1000', '--config.num_epochs=2',
+                 '--config.log_train_steps=True')
+  assert proc.returncode == 0, proc.stderr
+  steps = [json.loads(line) for line in (workdir / 'train_steps.jsonl').read_text().splitlines()]
+  # 1000 images / 64 = 15 full batches (4 dispatches: 4+4+4+3) and a partial one of 40.
+  assert [s['step'] for s in steps] == list(range(1, 33))
+  records = read_metrics(workdir)
+  assert [r['epoch'] for r in records] == [1, 2]
+  assert records[-1]['test_accuracy'] > 0.5
