@@ -27,6 +27,11 @@ from tools import compare_torch
 BATCH = 16
 TOLERANCE = 1e-4  # forward and gradients (the issue's bound)
 TRAINING_RTOL = 1e-3  # loss of the 20-step run, at every step (the issue's bound)
+# The 20-step run's learning rate. At the seed's 1e-3 this toy problem is chaotic within
+# 20 steps: for some seeds float32 rounding alone (PyTorch float32 vs float64) moves the
+# loss by 2e-3 or more, so no float32 implementation could promise 1e-3 there. At 1e-4 the
+# run is well-conditioned (jaxres and PyTorch agree within 3e-5 for seeds 0-3).
+TRAINING_LR = 1e-4
 FLOAT32_FLOOR = 1e-6  # relative differences this small are float32 rounding, whatever else
 
 
@@ -294,10 +299,17 @@ def test_seed_plateau_drops_after_six_bad_epochs():
 
 # ---------------------------------------------------------------------------- init
 
+def _training_config():
+  config = _config()
+  config.learning_rate = TRAINING_LR
+  return config
+
+
 @pytest.fixture(scope='module')
 def initial_state():
+  """jaxres's initial TrainState for the 20-step run (its weights do not depend on lr)."""
   with jax.default_device(jax.devices('cpu')[0]):
-    return compare_torch.initial_state(_config())
+    return compare_torch.initial_state(_training_config())
 
 
 def test_initial_weights_follow_torch_default_init(initial_state):
@@ -333,7 +345,7 @@ def test_initial_weights_follow_torch_default_init(initial_state):
 @pytest.fixture(scope='module')
 def twenty_steps(initial_state):
   """The tool's side-by-side run: 20 steps of jaxres, PyTorch float32 and PyTorch float64."""
-  config = _config()
+  config = _training_config()
   lines = []
   with jax.default_device(jax.devices('cpu')[0]):
     result = compare_torch.run_comparison(
@@ -348,12 +360,28 @@ def test_twenty_training_steps_agree_with_torch(twenty_steps):
   for step, torch_loss, jax_loss, _ in result.losses:
     assert abs(jax_loss - torch_loss) <= TRAINING_RTOL * abs(torch_loss), (step, lines)
   assert result.losses[-1][1] < result.losses[0][1]  # both learn
-  assert result.ok and lines[-1].startswith('parity OK'), lines
+  assert result.ok and lines[-1].startswith("parity OK: every step's loss within 0.001"), lines
+
+
+def test_verdict_tells_rounding_from_a_real_difference(twenty_steps):
+  """Where losses differ by more than rtol, the float64 run decides: rounding if jaxres
+  ends no farther from it than PyTorch float32 does, a failure if it ends far off."""
+  result, _ = twenty_steps
+  final = result.snapshots[20]
+  ok, lines = compare_torch.verdict(result.losses, final, rtol=0.0)
+  assert ok and lines[-1].startswith('parity OK (float32 rounding)'), lines
+  without_float64 = {k: v for k, v in final.items() if k != 'torch_float64'}
+  ok, lines = compare_torch.verdict(result.losses, without_float64, rtol=0.0)
+  assert not ok and lines[-1].startswith('parity NOT SHOWN'), lines
+  wrong = dict(final, jaxres={k: v * 1.01 for k, v in final['jaxres'].items()})
+  ok, lines = compare_torch.verdict(result.losses, wrong, rtol=0.0)
+  assert not ok and lines[-1].startswith('parity FAILED'), lines
 
 
 @pytest.mark.parametrize('step', [1, 10])
 def test_adam_steps_of_the_whole_model_match_torch(twenty_steps, step):
-  """Parameters after 1 and 10 steps of the seed's Adam on the whole model.
+  """Parameters after 1 and 10 steps of Adam (the seed's betas, eps and coupled weight decay)
+  on the whole model.
 
   Adam divides by sqrt(v): a coordinate with a tiny gradient moves by about the learning
   rate whatever its float32 rounding, so two float32 runs drift apart in parameter space
@@ -370,11 +398,11 @@ def test_adam_steps_of_the_whole_model_match_torch(twenty_steps, step):
     rounding = compare_torch.total_difference(theirs, exact, group)
     to_exact = compare_torch.total_difference(ours, exact, group)
     to_torch = compare_torch.total_difference(ours, theirs, group)
-    print(f'step {step}: PyTorch f32 to f64 {rounding:.2e}, jaxres to f64 {to_exact:.2e}, '
-          f'jaxres to PyTorch f32 {to_torch:.2e}')
-    assert rounding < 1e-2
-    assert to_exact <= 1.5 * rounding + FLOAT32_FLOOR
-    assert to_torch <= 2 * rounding + FLOAT32_FLOOR
+    seen = (f'step {step}: PyTorch f32 to f64 {rounding:.2e}, jaxres to f64 {to_exact:.2e}, '
+            f'jaxres to PyTorch f32 {to_torch:.2e}')
+    assert rounding < 1e-2, seen
+    assert to_exact <= 1.5 * rounding + FLOAT32_FLOOR, seen
+    assert to_torch <= 2 * rounding + FLOAT32_FLOOR, seen
   for key in theirs:
     if key.endswith(torch_compat.NUM_BATCHES_TRACKED):
       assert int(ours[key]) == int(theirs[key]) == step
@@ -407,3 +435,12 @@ def test_compare_torch_metrics_command(smoke_run, run_cli, tmp_path):
   bad.write_text('{"epoch": 1}\nnot json\n')
   proc = run_cli('tools.compare_torch', '--metrics', bad)
   assert proc.returncode == 2 and 'line 2: not JSON' in proc.stderr
+
+
+def test_side_by_side_refuses_a_state_that_pytorch_cannot_start_from(initial_state):
+  config = _config()  # learning rate 1e-3, the state's is TRAINING_LR
+  with pytest.raises(ValueError, match='learning rate'):
+    next(compare_torch.side_by_side(config, [], initial_state))
+  with pytest.raises(ValueError, match='fresh TrainState'):
+    next(compare_torch.side_by_side(_training_config(), [],
+                                    initial_state.replace(step=initial_state.step + 1)))

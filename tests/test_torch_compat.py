@@ -10,9 +10,10 @@ import torch
 import torchvision
 
 from experiments import base, smoke
-from jaxres import input_pipeline, models, torch_compat, train_state
+from jaxres import models, torch_compat, train_state
 from tests import torch_reference
 from tests.conftest import read_metrics
+from tools import compare_torch
 
 SEED_STEPS = 40 * 391  # num_batches_tracked of the seed's 40-epoch checkpoint
 
@@ -168,25 +169,24 @@ def test_export_writes_what_pytorch_loads_strictly(exported):
 
 def test_checkpoint_evaluates_the_same_in_jax_and_pytorch(exported, run_cli):
   """A PyTorch state_dict evaluated by `jaxres.eval --torch-checkpoint` and by the seed's
-  PyTorch test loop on the same test images: the same accuracy, the same loss."""
+  PyTorch test loop on the same test images: the same accuracy, the same predictions."""
   workdir, path, _ = exported
   proc = run_cli('jaxres.eval', '--config', 'experiments/smoke.py', '--torch-checkpoint', path,
                  '--json')
   assert proc.returncode == 0, proc.stderr
   in_jax = json.loads(proc.stdout)
-  config = smoke.get_config()
-  _, test = input_pipeline.load(config.data, config.seed)
-  m = config.model
-  model = torch_reference.ModifiedResNet(m.blocks, m.widths, m.num_classes)
-  model.load_state_dict(torch_compat.load_torch_checkpoint(str(path)), strict=True)
-  in_torch = torch_reference.evaluate(model, input_pipeline.normalize(test.images), test.labels,
-                                      config.eval_batch_size)
-  assert in_jax['num_examples'] == len(test) == 500
-  assert in_jax['test_accuracy'] == in_torch['test_accuracy'] > 0.5
-  assert in_jax['test_loss'] == pytest.approx(in_torch['test_loss'], rel=1e-4)
-  # ... and both are what the jaxres run itself measured at its last epoch.
+  assert in_jax['num_examples'] == 500 and in_jax['checkpoint'] == str(path)
+  lines = []
+  both = compare_torch.evaluate_checkpoint(
+      smoke.get_config(), torch_compat.load_torch_checkpoint(str(path)), log=lines.append)
+  assert both['differing_predictions'] == 0 and both['max_logit_difference'] < 1e-4, lines
+  assert in_jax['test_accuracy'] == both['torch']['test_accuracy'] == \
+      both['jaxres']['test_accuracy'] > 0.5
+  assert in_jax['test_loss'] == pytest.approx(both['torch']['test_loss'], rel=1e-5)
+  # ... and what the jaxres run itself measured at its last epoch.
   assert in_jax['test_accuracy'] == read_metrics(workdir)[-1]['test_accuracy']
-  assert in_jax['checkpoint'] == str(path)
+  assert lines[-1] == 'predictions that differ: 0 of 500; max |logit difference| ' + \
+      f'{both["max_logit_difference"]:.2e}'
 
 
 def test_eval_rejects_a_checkpoint_of_another_shape_in_one_line(exported, run_cli):

@@ -105,14 +105,16 @@ def train_step(model, optimizer, images_nhwc, labels, label_smoothing=0.0) -> fl
 
 
 @torch.no_grad()
+def predict(model, images_nhwc, batch_size=100) -> torch.Tensor:
+  """Logits of `images` in eval mode (running statistics), batch by batch as the seed."""
+  model.eval()
+  return torch.cat([model(nchw(images_nhwc[start:start + batch_size], _dtype(model)))
+                    for start in range(0, len(images_nhwc), batch_size)])
+
+
 def evaluate(model, images_nhwc, labels, batch_size=100) -> dict:
   """The seed's test loop: eval mode, mean cross-entropy and accuracy over all images."""
-  model.eval()
-  loss_sum, correct = 0.0, 0
+  logits = predict(model, images_nhwc, batch_size)
   labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-  for start in range(0, len(labels), batch_size):
-    outputs = model(nchw(images_nhwc[start:start + batch_size], _dtype(model)))
-    target = labels[start:start + batch_size]
-    loss_sum += float(F.cross_entropy(outputs, target, reduction='sum'))
-    correct += int((outputs.argmax(1) == target).sum())
-  return {'test_loss': loss_sum / len(labels), 'test_accuracy': correct / len(labels)}
+  return {'test_loss': float(F.cross_entropy(logits, labels, reduction='sum')) / len(labels),
+          'test_accuracy': int((logits.argmax(1) == labels).sum()) / len(labels)}

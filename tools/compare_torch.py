@@ -1,6 +1,7 @@
 """jaxres next to the seed's PyTorch code: the same training, step by step; or a run's curve.
 
     python -m tools.compare_torch --steps 20 [--config experiments/base.py] [--config.FIELD=...]
+    python -m tools.compare_torch --torch_checkpoint model.pth [--config experiments/base.py]
     python -m tools.compare_torch --metrics runs/base/metrics.jsonl
 
 --steps N: builds jaxres's initial weights for the config (its seed), loads them into the
@@ -13,6 +14,10 @@ statistic. Exits 1 when a step's loss differs by more than --rtol (relative).
 coordinates whose gradients are tiny, so two float32 runs drift apart in the parameters
 even when each step is right; the distance of each float32 run to the float64 one says
 how much drift rounding alone causes.
+
+--torch_checkpoint FILE.pth: evaluates a PyTorch state_dict of the seed's model on the
+config's test split twice, with the seed's PyTorch test loop and with jaxres (converted by
+jaxres.torch_compat), and prints both losses and accuracies and how many predictions differ.
 
 --metrics FILE: prints a jaxres run's per-epoch numbers next to the seed's published ones
 (epochs 29, 30 and 40 of its notebook's log).
@@ -43,10 +48,16 @@ _STEPS = flags.DEFINE_integer('steps', None, 'Train both side by side for this m
 _RTOL = flags.DEFINE_float('rtol', 1e-3, 'Largest relative loss difference that counts as parity.')
 _FLOAT64 = flags.DEFINE_bool('float64_reference', False,
                               'Also run PyTorch in float64: the yardstick for float32 rounding.')
+_CHECKPOINT = flags.DEFINE_string('torch_checkpoint', None, 'A PyTorch state_dict (.pth) of the '
+                                  'seed model to evaluate in PyTorch and in jaxres.')
 _METRICS = flags.DEFINE_string('metrics', None, 'A jaxres run\'s metrics.jsonl to set beside '
                                'the seed\'s published numbers.')
 
 DEFAULT_STEPS = 20
+# With --float64_reference: how much farther from float64 than PyTorch float32 jaxres may
+# end and still count as float32 rounding (two float32 runs are about equally far).
+ROUNDING_FACTOR = 1.5
+FLOAT32_RTOL = 1e-6  # values equal up to float32 rounding
 METRIC_COLUMNS = (('train_loss', 'train loss'), ('train_accuracy', 'train acc'),
                   ('test_loss', 'test loss'), ('test_accuracy', 'test acc'))
 
@@ -143,6 +154,14 @@ def side_by_side(config, batches: Iterable[dict], state=None,
   model = models.create_model(config)
   tx = optim.create_optimizer(config)
   state = initial_state(config) if state is None else state
+  if int(jax.device_get(state.step)) != 0:
+    raise ValueError('side_by_side starts from a fresh TrainState (step 0): only the weights '
+                     'carry over to PyTorch, not the optimizer\'s moments')
+  # The state holds its own learning rate (optax.inject_hyperparams); PyTorch gets config's.
+  state_lr = float(jax.device_get(optim.learning_rate(state.opt_state)))
+  if not np.isclose(state_lr, config.learning_rate, rtol=FLOAT32_RTOL, atol=0.0):
+    raise ValueError(f'the state\'s learning rate {state_lr:g} is not config.learning_rate '
+                     f'{config.learning_rate:g}')
   reference = torch_model(config, state.variables)
   torch_opt = torch_optimizer(config, reference)
   reference64 = copy.deepcopy(reference).double() if float64 else None
@@ -212,9 +231,10 @@ def run_comparison(config, batches: Iterable[dict], *, rtol: float, log=print, s
                    snapshot_steps=(), float64: bool = False) -> Comparison:
   """Train both side by side on `batches`, printing the comparison through `log`.
 
-  `ok` is True when every step's loss agrees within `rtol` (relative). State_dicts are
-  kept after each step in `snapshot_steps` and after the last. With `float64`, PyTorch
-  also runs in float64, and the table shows how far float32 rounding alone moves it.
+  Parity holds (`ok`) when every step's loss agrees within `rtol` (relative), or, with
+  `float64`, when the difference is float32 rounding: jaxres's parameters end no farther
+  (up to ROUNDING_FACTOR) from PyTorch float64's than PyTorch float32's do. State_dicts are
+  kept after each step in `snapshot_steps` and after the last.
   """
   config_lib.validate(config)
   m = config.model
@@ -226,7 +246,7 @@ def run_comparison(config, batches: Iterable[dict], *, rtol: float, log=print, s
       f'{_platform().upper()}, float32, torch {torch.__version__}, jax {jax.__version__}')
   header = f'{"step":>4}  {"torch loss":>12}  {"jaxres loss":>12}  {"rel diff":>9}'
   if float64:
-    header += f'  {"torch f64 loss":>14}  {"f32 vs f64":>10}'
+    header += f'  {"torch f64 loss":>14}  {"torch vs f64":>12}  {"jaxres vs f64":>13}'
   log(header)
   t0 = time.perf_counter()
   losses, snapshots, last = [], {}, None
@@ -236,7 +256,8 @@ def run_comparison(config, batches: Iterable[dict], *, rtol: float, log=print, s
            f'{last.relative_difference:>9.2e}')
     if float64:
       row += (f'  {last.float64_loss:>14.7f}  '
-              f'{relative_difference(last.torch_loss, last.float64_loss):>10.2e}')
+              f'{relative_difference(last.torch_loss, last.float64_loss):>12.2e}  '
+              f'{relative_difference(last.jax_loss, last.float64_loss):>13.2e}')
     log(row)
     if last.step in snapshot_steps:
       snapshots[last.step] = last.state_dicts()
@@ -250,19 +271,80 @@ def run_comparison(config, batches: Iterable[dict], *, rtol: float, log=print, s
   params = [k for k in diffs if is_parameter(k)]
   stats = [k for k in diffs if k.rsplit('.', 1)[-1].startswith('running_')]
   key, rel, absolute = _worst(diffs, params)
-  log(f'final parameters: relative L2 difference {total_difference(final["jaxres"], final["torch"], params):.2e} '
-      f'over all, at most {rel:.2e} in one tensor ({key}); max absolute difference {absolute:.2e}')
+  log(f'final parameters: relative L2 difference '
+      f'{total_difference(final["jaxres"], final["torch"], params):.2e} over all, at most '
+      f'{rel:.2e} in one tensor ({key}); max absolute difference {absolute:.2e}')
   key, rel, absolute = _worst(diffs, stats)
   log(f'final BatchNorm running statistics: at most {rel:.2e} relative in one tensor ({key}); '
       f'max absolute difference {absolute:.2e}')
-  if float64:
-    exact = final['torch_float64']
-    log(f'distance to PyTorch float64 (parameters, relative L2 over all): jaxres '
-        f'{total_difference(final["jaxres"], exact, params):.2e}, PyTorch float32 '
-        f'{total_difference(final["torch"], exact, params):.2e}')
-  ok = worst <= rtol
-  log(f'parity {"OK" if ok else "FAILED"} ({time.perf_counter() - t0:.0f} s)')
+  ok, lines = verdict(losses, final, rtol)
+  for line in lines[:-1]:
+    log(line)
+  log(f'{lines[-1]} ({time.perf_counter() - t0:.0f} s)')
   return Comparison(losses, snapshots, ok)
+
+
+def verdict(losses: list, final: dict, rtol: float) -> tuple:
+  """(parity holds, lines saying why) from a run's losses and final state_dicts.
+
+  Parity holds when every step's loss agrees within `rtol`, or, when a PyTorch float64
+  run is at hand (`final['torch_float64']`), when jaxres's parameters end no farther from
+  it than ROUNDING_FACTOR times PyTorch float32's: then the difference is float32
+  rounding, amplified by training.
+  """
+  worst = max(relative_difference(r[2], r[1]) for r in losses)
+  if worst <= rtol:
+    return True, [f'parity OK: every step\'s loss within {rtol:g}']
+  if 'torch_float64' not in final:
+    return False, [f'parity NOT SHOWN: the losses differ by more than {rtol:g}; rerun with '
+                   f'--float64_reference to measure how far float32 rounding alone moves PyTorch']
+  params = [k for k in final['torch'] if is_parameter(k)]
+  rounding = max(relative_difference(r[1], r[3]) for r in losses)
+  ours = total_difference(final['jaxres'], final['torch_float64'], params)
+  theirs = total_difference(final['torch'], final['torch_float64'], params)
+  lines = [f'PyTorch float32 vs float64: losses differ by up to {rounding:.2e}; final parameters, '
+           f'relative L2 distance to float64: jaxres {ours:.2e}, PyTorch float32 {theirs:.2e}']
+  if ours <= ROUNDING_FACTOR * theirs:
+    return True, lines + ['parity OK (float32 rounding): jaxres is no farther from PyTorch '
+                          'float64 than PyTorch float32 is']
+  return False, lines + [f'parity FAILED: jaxres is farther from PyTorch float64 than '
+                         f'{ROUNDING_FACTOR:g} x PyTorch float32']
+
+
+# ---------------------------------------------------------------------------- a checkpoint
+
+def evaluate_checkpoint(config, state_dict, log=print) -> dict:
+  """A seed state_dict on config's test split: PyTorch's test loop and jaxres, side by side.
+
+  PyTorch loads `state_dict` itself (strict); jaxres converts it with
+  `torch_compat.variables_from_torch`. Both see the same normalized test images.
+  """
+  _, test = input_pipeline.load(config.data, config.seed)
+  images, labels = input_pipeline.normalize(test.images), test.labels
+  m = config.model
+  reference = torch_reference.ModifiedResNet(tuple(m.blocks), tuple(m.widths), m.num_classes)
+  model = models.create_model(config)
+  variables = torch_compat.variables_from_torch(state_dict, model)  # checks every key first
+  reference.load_state_dict(state_dict, strict=True)
+  torch_logits = torch_reference.predict(reference, images, config.eval_batch_size).numpy()
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  size = config.eval_batch_size
+  jax_logits = np.concatenate([np.asarray(apply(variables, images[i:i + size]))
+                               for i in range(0, len(images), size)])
+  result = {'num_examples': len(labels),
+            'differing_predictions': int(np.sum(jax_logits.argmax(1) != torch_logits.argmax(1))),
+            'max_logit_difference': float(np.max(np.abs(jax_logits - torch_logits)))}
+  for name, logits in (('torch', torch_logits), ('jaxres', jax_logits)):
+    result[name] = {
+        'test_loss': float(np.mean(np.asarray(steps.cross_entropy(logits, labels)), dtype=np.float64)),
+        'test_accuracy': float(np.mean(logits.argmax(1) == labels))}
+  log(f'{"":8}  {"test loss":>9}  {"test acc":>8}   ({len(labels)} test images from '
+      f'{config.data.name}, checkpoint trained {torch_compat.batches_tracked(state_dict)} steps)')
+  for name, label in (('torch', 'PyTorch'), ('jaxres', 'jaxres')):
+    log(f'{label:8}  {result[name]["test_loss"]:>9.4f}  {result[name]["test_accuracy"]:>8.4f}')
+  log(f'predictions that differ: {result["differing_predictions"]} of {len(labels)}; '
+      f'max |logit difference| {result["max_logit_difference"]:.2e}')
+  return result
 
 
 # ---------------------------------------------------------------------------- a run's curve
@@ -325,12 +407,16 @@ def main(argv):
     raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _METRICS.value:
     print(metrics_table(read_metrics(_METRICS.value)))
-  if _STEPS.value is None and _METRICS.value:
+  config = cli.config_value(_CONFIG).copy_and_resolve_references()
+  if _CHECKPOINT.value:
+    state_dict = torch_compat.load_torch_checkpoint(_CHECKPOINT.value)
+    with jax.default_device(jax.devices('cpu')[0]):
+      evaluate_checkpoint(config, state_dict)
+  if _STEPS.value is None and (_METRICS.value or _CHECKPOINT.value):
     return 0
   num_steps = DEFAULT_STEPS if _STEPS.value is None else _STEPS.value
   if num_steps <= 0:
     raise UsageError(f'--steps must be positive, got {num_steps}')
-  config = cli.config_value(_CONFIG).copy_and_resolve_references()
   with jax.default_device(jax.devices('cpu')[0]):
     result = run_comparison(config, training_batches(config, num_steps), rtol=_RTOL.value,
                             float64=_FLOAT64.value)
