@@ -51,6 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.bn_momentum = 0.1  # PyTorch convention (weight of the new batch)
   config.model.bn_epsilon = 1e-5
   config.model.sync_batch_stats = True  # BatchNorm over the global batch on many devices
+  config.model.conv_impl = 'auto'  # convolution formulation: auto picks by backend
+  # whitened_resnet only (experiments/fast.py)
+  config.model.whiten_kernel = 2
+  config.model.whiten_images = 5000  # training images whose patches are whitened
+  config.model.whiten_eps = 5e-4
+  config.model.logit_scale = 1.0
+  config.model.residual = True
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'cifar10'  # cifar10 | imagefolder | synthetic
@@ -61,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.on_device = False  # dataset on the accelerator, augmentation in the step
   config.data.steps_per_dispatch = 1  # on_device: optimizer steps per jitted call (lax.scan)
   config.data.prefetch = 2  # torchvision path: batches copied to the devices ahead
+  config.data.alternating_flip = False  # on_device: mirror each image every other epoch
   config.data.drop_last = False  # the seed keeps the last, partial batch
   config.data.image_size = 32
   config.data.mean = (0.5, 0.5, 0.5)  # Normalize(mean, std), as the seed

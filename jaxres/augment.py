@@ -68,6 +68,8 @@ SEED_JITTER = dict(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)
 SEED_ROTATION_DEGREES = 15.0
 SEED_TRANSLATE_FRACTION = 0.1
 HFLIP_PROBABILITY = 0.5
+# The airbench speed runs translate by up to 2 pixels, reflecting the border.
+SPEEDRUN_TRANSLATE = 2
 
 
 def _per_image(values: Array, images: Array) -> Array:
@@ -88,15 +90,17 @@ def to_float(images_uint8: Array) -> Array:
 
 # ---------------------------------------------------------------------------- pixel moves
 
-def _shift(images: Array, dy: Array, dx: Array, max_shift: tuple[int, int]) -> Array:
+def _shift(images: Array, dy: Array, dx: Array, max_shift: tuple[int, int],
+           mode: str = 'constant') -> Array:
   """out[b, y, x] = images[b, y - dy[b], x - dx[b]], zero where that is outside.
 
-  Zero-pads by the static `max_shift` (rows, cols) and slices each image at its own
-  offset (a dynamic_slice under vmap); shifts must lie in [-max_shift, max_shift].
+  Pads by the static `max_shift` (rows, cols) -- zeros, or mode='reflect' mirrors the
+  border -- and slices each image at its own offset (a dynamic_slice under vmap); shifts
+  must lie in [-max_shift, max_shift].
   """
   pad_y, pad_x = max_shift
   height, width = images.shape[1:3]
-  padded = jnp.pad(images, ((0, 0), (pad_y, pad_y), (pad_x, pad_x), (0, 0)))
+  padded = jnp.pad(images, ((0, 0), (pad_y, pad_y), (pad_x, pad_x), (0, 0)), mode=mode)
 
   def one(image, top, left):
     return jax.lax.dynamic_slice(image, (top, left, 0), (height, width, image.shape[-1]))
@@ -105,20 +109,30 @@ def _shift(images: Array, dy: Array, dx: Array, max_shift: tuple[int, int]) -> A
                        pad_x - jnp.asarray(dx, jnp.int32))
 
 
-def crop(images: Array, tops: Array, lefts: Array, padding: int) -> Array:
+def crop(images: Array, tops: Array, lefts: Array, padding: int,
+         padding_mode: str = 'constant') -> Array:
   """RandomCrop(size=(H, W), padding) with given offsets: F.crop(F.pad(img, padding), ...).
 
-  Each image is zero-padded by `padding` on every side and the H x W window whose
-  top-left corner is (tops[b], lefts[b]) in the padded image is kept; offsets lie in
-  [0, 2 * padding].
+  Each image is padded by `padding` on every side (zeros, or padding_mode='reflect' as
+  RandomCrop's padding_mode='reflect') and the H x W window whose top-left corner is
+  (tops[b], lefts[b]) in the padded image is kept; offsets lie in [0, 2 * padding].
   """
   return _shift(images, padding - jnp.asarray(tops), padding - jnp.asarray(lefts),
-                (padding, padding))
+                (padding, padding), padding_mode)
 
 
 def hflip(images: Array, flags: Array) -> Array:
   """F.hflip (mirror left-right) on the images whose flag is true."""
   return jnp.where(_per_image(flags, images), images[:, :, ::-1], images)
+
+
+def alternating_hflip(images: Array, flip_bits: Array, epoch) -> Array:
+  """Alternating flips: image i is mirrored in epoch e iff flip_bits[i] xor (e odd).
+
+  Each image is seen mirrored in every other epoch, starting from a random choice, which
+  gives more diverse pairs of epochs than independent random flips (the airbench runs).
+  """
+  return hflip(images, jnp.logical_xor(flip_bits.astype(bool), epoch % 2 == 1))
 
 
 def translate(images: Array, dx: Array, dy: Array, max_shift: Optional[int] = None) -> Array:
@@ -505,9 +519,9 @@ def sample_rotation_translate(key: Array, batch: int, degrees: Range, fraction: 
   return (u[0], *_shifts(u[1:]))
 
 
-def random_crop(key: Array, images: Array, padding: int) -> Array:
-  """RandomCrop(size=(H, W), padding=padding) with zero padding."""
-  return crop(images, *sample_crop(key, images.shape[0], padding), padding)
+def random_crop(key: Array, images: Array, padding: int, padding_mode: str = 'constant') -> Array:
+  """RandomCrop(size=(H, W), padding=padding, padding_mode=padding_mode)."""
+  return crop(images, *sample_crop(key, images.shape[0], padding), padding, padding_mode)
 
 
 def random_hflip(key: Array, images: Array, p: float = HFLIP_PROBABILITY) -> Array:
@@ -556,6 +570,10 @@ POLICIES: dict[str, tuple[Stage, ...]] = {
                                fraction=SEED_TRANSLATE_FRACTION)),
     'flip_crop': (functools.partial(random_crop, padding=SEED_CROP_PADDING),
                   random_hflip),
+    # Translation by up to 2 pixels with reflected borders, the speed runs' augmentation
+    # (their flips alternate by epoch: config.data.alternating_flip, outside the policy).
+    'reflect_translate': (functools.partial(random_crop, padding=SPEEDRUN_TRANSLATE,
+                                            padding_mode='reflect'),),
     'none': (),
 }
 

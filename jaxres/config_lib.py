@@ -42,18 +42,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0 <= config.label_smoothing < 1, 'config.label_smoothing must be in [0, 1)')
   _require(config.checkpoint_keep >= 1, 'config.checkpoint_keep must be >= 1')
   m = config.model
-  _require(m.name == 'resnet', f'config.model.name must be resnet, got {m.name!r}')
-  _require(len(m.widths) == len(m.blocks) and len(m.widths) > 0,
-           f'config.model.widths {tuple(m.widths)} and config.model.blocks {tuple(m.blocks)} '
-           f'must have the same, non-zero length')
-  _require(all(int(w) > 0 for w in m.widths) and all(int(b) > 0 for b in m.blocks),
-           'config.model.widths and config.model.blocks must be positive')
+  _require(m.name in ('resnet', 'whitened_resnet'),
+           f'config.model.name must be resnet or whitened_resnet, got {m.name!r}')
+  _require(len(m.widths) > 0 and all(int(w) > 0 for w in m.widths),
+           'config.model.widths must be positive')
+  if m.name == 'resnet':
+    _require(len(m.widths) == len(m.blocks),
+             f'config.model.widths {tuple(m.widths)} and config.model.blocks {tuple(m.blocks)} '
+             f'must have the same length')
+    _require(all(int(b) > 0 for b in m.blocks), 'config.model.blocks must be positive')
   _require(m.num_classes >= 2, f'config.model.num_classes must be >= 2, got {m.num_classes!r}')
   d = config.data
   _require(d.name in ('cifar10', 'imagefolder', 'synthetic'),
            f'config.data.name must be cifar10, imagefolder or synthetic, got {d.name!r}')
-  _require(d.augment in ('seed', 'flip_crop', 'none'),
-           f'config.data.augment must be seed, flip_crop or none, got {d.augment!r}')
+  from jaxres import augment  # the policies the on-device path knows
+  policies = ('seed', 'flip_crop', 'none') if not d.on_device else tuple(augment.POLICIES)
+  _require(d.augment in policies,
+           f'config.data.augment must be one of {", ".join(policies)}, got {d.augment!r}')
+  _require(not d.alternating_flip or d.on_device,
+           'config.data.alternating_flip needs config.data.on_device=True')
   _require(d.num_workers >= 0, 'config.data.num_workers must be >= 0')
 
 

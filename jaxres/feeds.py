@@ -74,12 +74,15 @@ class DeviceFeed:
   """The dataset on the devices; index batches scanned `steps_per_dispatch` at a time."""
 
   def __init__(self, split: input_pipeline.Split, order: input_pipeline.Loader, mesh,
-               steps_per_dispatch: int = 1):
+               steps_per_dispatch: int = 1, alternating_flip: bool = False):
     self.order, self.steps_per_dispatch = order, steps_per_dispatch
     self.num_batches = order.num_batches
     self.index_sharding = NamedSharding(mesh, P(None, parallel.DATA_AXIS))
-    self.data = jax.device_put({'image': split.images, 'label': split.labels.astype(np.int32)},
-                               parallel.replicated(mesh))
+    self.replicated = parallel.replicated(mesh)
+    data = {'image': split.images, 'label': split.labels.astype(np.int32)}
+    if alternating_flip:  # each image's first-epoch flip, a pure function of the seed
+      data['flip'] = np.random.default_rng([order.seed, 2]).integers(0, 2, len(split), np.uint8)
+    self.data = jax.device_put(data, self.replicated)
 
   def epoch(self, epoch: int, start_step: int = 0):
     step = start_step
@@ -93,7 +96,7 @@ class DeviceFeed:
         step += 1
       local = np.stack(chunk)[:, self.order.local_slice(len(chunk[0]))].astype(np.int32)
       indices = jax.make_array_from_process_local_data(self.index_sharding, local)
-      yield len(chunk), (self.data, indices)
+      yield len(chunk), (self.data, indices, jax.device_put(np.int32(epoch), self.replicated))
 
   @staticmethod
   def train_fn(model, tx, config, lookahead=None):
@@ -113,7 +116,8 @@ def create(config, train_split, mesh):
                                   shuffle=True, drop_last=config.data.drop_last,
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count(), multiple_of=num_devices)
-    return DeviceFeed(train_split, order, mesh, config.data.steps_per_dispatch)
+    return DeviceFeed(train_split, order, mesh, config.data.steps_per_dispatch,
+                      config.data.alternating_flip)
   loader = input_pipeline.train_loader(train_split, config, jax.process_index(),
                                        jax.process_count(), num_devices)
   return HostFeed(loader, mesh, config.data.prefetch)

@@ -166,16 +166,22 @@ def summarize(metric_sums: dict, prefix: str) -> dict:
           f'{prefix}_accuracy': float(metric_sums['correct']) / count}
 
 
-def device_batch(data: dict, indices, key, *, policy: str, mean, std) -> dict:
+def device_batch(data: dict, indices, key, epoch, *, policy: str, mean, std) -> dict:
   """A training batch made on the device: gather rows of the uint8 dataset `data`,
-  augment them with `policy` (jaxres.augment) from `key`, normalize with mean and std."""
+  augment them with `policy` (jaxres.augment) from `key`, normalize with mean and std.
+
+  If `data` holds per-image 'flip' bits, images are also mirrored by alternating flips
+  (augment.alternating_hflip) for `epoch`.
+  """
   from jaxres import augment
   images = augment.augment(key, data['image'][indices], policy)
+  if 'flip' in data:
+    images = augment.alternating_hflip(images, data['flip'][indices], epoch)
   mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
   return {'image': (images - mean) / std, 'label': data['label'][indices]}
 
 
-def train_steps_on_device(state: TrainState, data: dict, indices, *, model: nn.Module,
+def train_steps_on_device(state: TrainState, data: dict, indices, epoch, *, model: nn.Module,
                           tx: optax.GradientTransformation, policy: str, mean, std,
                           label_smoothing: float = 0.0, lookahead=None):
   """len(indices) optimizer steps in one dispatch (lax.scan), batches made on the device.
@@ -192,7 +198,7 @@ def train_steps_on_device(state: TrainState, data: dict, indices, *, model: nn.M
 
   def one_step(state, rows):
     key = jax.random.fold_in(state.rng, state.step)
-    batch = device_batch(data, rows, key, policy=policy, mean=mean, std=std)
+    batch = device_batch(data, rows, key, epoch, policy=policy, mean=mean, std=std)
     return train_step(state, batch, model=model, tx=tx, label_smoothing=label_smoothing,
                       lookahead=lookahead)
 
