@@ -55,8 +55,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d = config.data
   _require(d.name in ('cifar10', 'imagefolder', 'synthetic'),
            f'config.data.name must be cifar10, imagefolder or synthetic, got {d.name!r}')
-  from jaxres import augment  # the policies the on-device path knows
-  policies = ('seed', 'flip_crop', 'none') if not d.on_device else tuple(augment.POLICIES)
+  from jaxres import augment  # the policies both paths know
+  policies = tuple(augment.POLICIES)
   _require(d.augment in policies,
            f'config.data.augment must be one of {", ".join(policies)}, got {d.augment!r}')
   _require(not d.alternating_flip or d.on_device,

@@ -55,10 +55,13 @@ def train_transform(augment: str, image_size: int = 32, mean=MEAN, std=STD):
            T.RandomAffine(degrees=0, translate=(0.1, 0.1))]
   elif augment == 'flip_crop':
     ops = [T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip()]
+  elif augment == 'reflect_translate':
+    ops = [T.RandomCrop(image_size, padding=2, padding_mode='reflect')]
   elif augment == 'none':
     ops = []
   else:
-    raise UsageError(f'unknown data.augment {augment!r} (choose seed, flip_crop or none)')
+    raise UsageError(f'unknown data.augment {augment!r} '
+                     f'(choose seed, flip_crop, reflect_translate or none)')
   return T.Compose(ops + [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
 
 
