@@ -314,14 +314,14 @@ jit_augment = jax.jit(augment.augment, static_argnames='policy')
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _policy_params(key, batch):
+def _policy_params(key, batch, crop_padding=augment.SEED_CROP_PADDING):
   """The parameters augment(key, ., policy) draws: stage i from fold_in(key, i), where
-  'seed' has the stages (crop, flip, jitter, rotation+translation) and 'flip_crop' the
-  first two."""
+  'seed' has the stages (crop, flip, jitter, rotation+translation), 'flip_crop' the
+  first two and 'reflect_translate' the crop alone (padding 2, reflected)."""
   k_crop, k_flip, k_jitter, k_geometry = (jax.random.fold_in(key, i) for i in range(4))
   angle, dx, dy = augment.sample_rotation_translate(
       k_geometry, batch, augment.SEED_ROTATION_DEGREES, augment.SEED_TRANSLATE_FRACTION, 32, 32)
-  return dict(crop=augment.sample_crop(k_crop, batch, augment.SEED_CROP_PADDING),
+  return dict(crop=augment.sample_crop(k_crop, batch, crop_padding),
               flip=augment.sample_hflip(k_flip, batch),
               jitter=augment.sample_color_jitter(k_jitter, batch, **augment.SEED_JITTER),
               angle=angle, translate=(dx, dy))
@@ -374,7 +374,9 @@ def _policy_three_ways(policy, seed=3):
   images = _uint8_images(POLICY_BATCH, seed=seed)
   key = jax.random.key(seed)
   ours = np.asarray(jit_augment(key, images, policy=policy))
-  with _torchvision_policy(policy, _policy_params(key, POLICY_BATCH)) as transforms:
+  padding = (augment.SPEEDRUN_TRANSLATE if policy == 'reflect_translate'
+             else augment.SEED_CROP_PADDING)
+  with _torchvision_policy(policy, _policy_params(key, POLICY_BATCH, padding)) as transforms:
     tensor_path = np.stack([_numpy(transforms(i)(F.to_tensor(image)))
                             for i, image in enumerate(images)])
     pil_path = np.stack([np.asarray(transforms(i)(Image.fromarray(image)))
