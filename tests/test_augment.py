@@ -313,7 +313,7 @@ POLICY_BATCH = 8  # one batch shape for every augment call, so each policy compi
 jit_augment = jax.jit(augment.augment, static_argnames='policy')
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _policy_params(key, batch, crop_padding=augment.SEED_CROP_PADDING):
   """The parameters augment(key, ., policy) draws: stage i from fold_in(key, i), where
   'seed' has the stages (crop, flip, jitter, rotation+translation), 'flip_crop' the
