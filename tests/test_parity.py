@@ -32,7 +32,6 @@ TRAINING_RTOL = 1e-3  # loss of the 20-step run, at every step (the issue's boun
 # loss by 2e-3 or more, so no float32 implementation could promise 1e-3 there. At 1e-4 the
 # run is well-conditioned (jaxres and PyTorch agree within 3e-5 for seeds 0-3).
 TRAINING_LR = 1e-4
-FLOAT32_FLOOR = 1e-6  # relative differences this small are float32 rounding, whatever else
 
 
 def _config():
@@ -368,26 +367,28 @@ def test_verdict_tells_rounding_from_a_real_difference(twenty_steps):
   ends no farther from it than PyTorch float32 does, a failure if it ends far off."""
   result, _ = twenty_steps
   final = result.snapshots[20]
-  ok, lines = compare_torch.verdict(result.losses, final, rtol=0.0)
+  exact, theirs = final['torch_float64'], final['torch']
+  # As far from float64 as PyTorch float32, on the other side: what rounding looks like.
+  mirrored = {k: 2 * exact[k].double() - theirs[k].double() for k in theirs}
+  ok, lines = compare_torch.verdict(result.losses, dict(final, jaxres=mirrored), rtol=0.0)
   assert ok and lines[-1].startswith('parity OK (float32 rounding)'), lines
+  far = {k: v.double() * 1.01 for k, v in theirs.items()}
+  ok, lines = compare_torch.verdict(result.losses, dict(final, jaxres=far), rtol=0.0)
+  assert not ok and lines[-1].startswith('parity FAILED'), lines
   without_float64 = {k: v for k, v in final.items() if k != 'torch_float64'}
   ok, lines = compare_torch.verdict(result.losses, without_float64, rtol=0.0)
   assert not ok and lines[-1].startswith('parity NOT SHOWN'), lines
-  wrong = dict(final, jaxres={k: v * 1.01 for k, v in final['jaxres'].items()})
-  ok, lines = compare_torch.verdict(result.losses, wrong, rtol=0.0)
-  assert not ok and lines[-1].startswith('parity FAILED'), lines
+  ok, lines = compare_torch.verdict(result.losses, without_float64, rtol=TRAINING_RTOL)
+  assert ok and lines == ["parity OK: every step's loss within 0.001"]
 
 
 @pytest.mark.parametrize('step', [1, 10])
 def test_adam_steps_of_the_whole_model_match_torch(twenty_steps, step):
-  """Parameters after 1 and 10 steps of Adam (the seed's betas, eps and coupled weight decay)
-  on the whole model.
+  """Parameters and BatchNorm statistics after 1 and 10 steps of Adam (the seed's betas,
+  eps and coupled weight decay) on the whole model, relative L2 over all tensors.
 
-  Adam divides by sqrt(v): a coordinate with a tiny gradient moves by about the learning
-  rate whatever its float32 rounding, so two float32 runs drift apart in parameter space
-  even though every step is right (the optimizer alone matches to the ulp, above). The
-  yardstick is PyTorch in float64: jaxres must be as close to it as PyTorch float32 is,
-  and differ from PyTorch float32 by no more than rounding does.
+  (At the seed's learning rate two float32 runs drift apart here, PyTorch against itself
+  in float64 included: see TRAINING_LR and README, "Float32 drift".)
   """
   result, _ = twenty_steps
   snapshot = result.snapshots[step]
@@ -395,14 +396,11 @@ def test_adam_steps_of_the_whole_model_match_torch(twenty_steps, step):
   params = [k for k in theirs if compare_torch.is_parameter(k)]
   stats = [k for k in theirs if k.endswith(('running_mean', 'running_var'))]
   for group in (params, stats):
-    rounding = compare_torch.total_difference(theirs, exact, group)
-    to_exact = compare_torch.total_difference(ours, exact, group)
-    to_torch = compare_torch.total_difference(ours, theirs, group)
-    seen = (f'step {step}: PyTorch f32 to f64 {rounding:.2e}, jaxres to f64 {to_exact:.2e}, '
-            f'jaxres to PyTorch f32 {to_torch:.2e}')
-    assert rounding < 1e-2, seen
-    assert to_exact <= 1.5 * rounding + FLOAT32_FLOOR, seen
-    assert to_torch <= 2 * rounding + FLOAT32_FLOOR, seen
+    difference = compare_torch.total_difference(ours, theirs, group)
+    seen = (f'after step {step}: jaxres to PyTorch {difference:.2e}; to PyTorch float64: '
+            f'jaxres {compare_torch.total_difference(ours, exact, group):.2e}, PyTorch '
+            f'{compare_torch.total_difference(theirs, exact, group):.2e}')
+    assert difference <= TOLERANCE, seen
   for key in theirs:
     if key.endswith(torch_compat.NUM_BATCHES_TRACKED):
       assert int(ours[key]) == int(theirs[key]) == step
