@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from experiments import smoke
 from jaxres import input_pipeline, models, optim, steps, torch_compat, train_state
+from jaxres.errors import UsageError
 from tests import torch_reference
 from tools import compare_torch
 
@@ -442,3 +443,17 @@ def test_side_by_side_refuses_a_state_that_pytorch_cannot_start_from(initial_sta
   with pytest.raises(ValueError, match='fresh TrainState'):
     next(compare_torch.side_by_side(_training_config(), [],
                                     initial_state.replace(step=initial_state.step + 1)))
+
+
+@pytest.mark.parametrize('field, value', [('schedule', 'triangle'), ('bias_lr_scale', 64.0),
+                                          ('lookahead.enabled', True)])
+def test_compare_refuses_recipes_pytorch_does_not_mirror(field, value):
+  config = _config()
+  *parents, leaf = field.split('.')
+  holder = config
+  for parent in parents:
+    holder = holder[parent]
+  holder[leaf] = value
+  with pytest.raises(UsageError, match=f'config.{field}='):
+    compare_torch.check_mirrored(config)
+  compare_torch.check_mirrored(_config())  # the seed's recipe passes

@@ -73,6 +73,28 @@ def torch_model(config, variables) -> torch_reference.ModifiedResNet:
   return model
 
 
+def check_mirrored(config) -> None:
+  """UsageError naming the first config field whose recipe the PyTorch side does not mirror.
+
+  The reference is the seed's: ModifiedResNet, Adam or SGD on every parameter alike, a
+  learning rate that is constant within the compared steps (the plateau rule only acts
+  between epochs), no lookahead.
+  """
+  if config.model.name != 'resnet':
+    raise UsageError(f'config.model.name={config.model.name!r}: the PyTorch reference is the '
+                     f'seed\'s ModifiedResNet (model.name=resnet)')
+  if config.schedule not in ('plateau', 'constant'):
+    raise UsageError(f'config.schedule={config.schedule!r}: the PyTorch reference trains at a '
+                     f'constant learning rate (schedule plateau or constant)')
+  for field, neutral in (('bias_lr_scale', 1.0), ('frozen', ()), ('frozen_after', ())):
+    value = config.get(field, neutral)
+    if (tuple(value) if isinstance(value, (list, tuple)) else value) != neutral:
+      raise UsageError(f'config.{field}={value!r}: the PyTorch reference trains every '
+                       f'parameter alike (set it to {neutral!r})')
+  if config.get('lookahead') is not None and config.lookahead.get('enabled', False):
+    raise UsageError('config.lookahead.enabled=True: the PyTorch reference has no lookahead')
+
+
 def torch_optimizer(config, model) -> torch.optim.Optimizer:
   """The torch optimizer that config.optimizer stands for (coupled weight decay)."""
   if config.optimizer == 'adam':
@@ -237,6 +259,7 @@ def run_comparison(config, batches: Iterable[dict], *, rtol: float, log=print, s
   kept after each step in `snapshot_steps` and after the last.
   """
   config_lib.validate(config)
+  check_mirrored(config)
   m = config.model
   num_params, _ = config_lib.param_count(config)
   log(f'compare_torch: ModifiedResNet(widths={tuple(m.widths)}, blocks={tuple(m.blocks)}, '
@@ -319,8 +342,10 @@ def evaluate_checkpoint(config, state_dict, log=print) -> dict:
   PyTorch loads `state_dict` itself (strict); jaxres converts it with
   `torch_compat.variables_from_torch`. Both see the same normalized test images.
   """
+  check_mirrored(config)
   _, test = input_pipeline.load(config.data, config.seed)
-  images, labels = input_pipeline.normalize(test.images), test.labels
+  images = input_pipeline.normalize(test.images, config.data.mean, config.data.std)
+  labels = test.labels
   m = config.model
   reference = torch_reference.ModifiedResNet(tuple(m.blocks), tuple(m.widths), m.num_classes)
   model = models.create_model(config)
