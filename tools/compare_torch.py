@@ -41,18 +41,6 @@ from jaxres import cli, config_lib, input_pipeline, models, optim, steps, torch_
 from jaxres.errors import UsageError
 from tests import torch_reference
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/base.py',
-                                          'Config file (get_config()); fields overridable.')
-_STEPS = flags.DEFINE_integer('steps', None, 'Train both side by side for this many steps '
-                              '(default 20 when --metrics is not given).')
-_RTOL = flags.DEFINE_float('rtol', 1e-3, 'Largest relative loss difference that counts as parity.')
-_FLOAT64 = flags.DEFINE_bool('float64_reference', False,
-                              'Also run PyTorch in float64: the yardstick for float32 rounding.')
-_CHECKPOINT = flags.DEFINE_string('torch_checkpoint', None, 'A PyTorch state_dict (.pth) of the '
-                                  'seed model to evaluate in PyTorch and in jaxres.')
-_METRICS = flags.DEFINE_string('metrics', None, 'A jaxres run\'s metrics.jsonl to set beside '
-                               'the seed\'s published numbers.')
-
 DEFAULT_STEPS = 20
 # With --float64_reference: how much farther from float64 than PyTorch float32 jaxres may
 # end and still count as float32 rounding (two float32 runs are about equally far).
@@ -427,26 +415,45 @@ def metrics_table(records: list, published=None) -> str:
 
 # ---------------------------------------------------------------------------- command
 
-def main(argv):
-  if len(argv) > 1:
-    raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if _METRICS.value:
-    print(metrics_table(read_metrics(_METRICS.value)))
-  config = cli.config_value(_CONFIG).copy_and_resolve_references()
-  if _CHECKPOINT.value:
-    state_dict = torch_compat.load_torch_checkpoint(_CHECKPOINT.value)
+def command():
+  """The command-line entry point: defines its flags (only then, so that importing this
+  module as a library defines none) and returns main(argv)."""
+  config_flag = config_flags.DEFINE_config_file(
+      'config', 'experiments/base.py', 'Config file (get_config()); fields overridable.')
+  steps_flag = flags.DEFINE_integer('steps', None, 'Train both side by side for this many steps '
+                                    f'(default {DEFAULT_STEPS} unless --metrics or '
+                                    '--torch_checkpoint is given).')
+  rtol_flag = flags.DEFINE_float('rtol', 1e-3, 'Largest relative loss difference per step that '
+                                 'counts as parity.')
+  float64_flag = flags.DEFINE_bool('float64_reference', False, 'Also run PyTorch in float64: '
+                                   'the yardstick for float32 rounding.')
+  checkpoint_flag = flags.DEFINE_string('torch_checkpoint', None, 'A PyTorch state_dict (.pth) '
+                                        'of the seed model to evaluate in PyTorch and in jaxres.')
+  metrics_flag = flags.DEFINE_string('metrics', None, 'A jaxres run\'s metrics.jsonl to set '
+                                     'beside the seed\'s published numbers.')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if metrics_flag.value:
+      print(metrics_table(read_metrics(metrics_flag.value)))
+    config = cli.config_value(config_flag).copy_and_resolve_references()
+    if checkpoint_flag.value:
+      state_dict = torch_compat.load_torch_checkpoint(checkpoint_flag.value)
+      with jax.default_device(jax.devices('cpu')[0]):
+        evaluate_checkpoint(config, state_dict)
+    if steps_flag.value is None and (metrics_flag.value or checkpoint_flag.value):
+      return 0
+    num_steps = DEFAULT_STEPS if steps_flag.value is None else steps_flag.value
+    if num_steps <= 0:
+      raise UsageError(f'--steps must be positive, got {num_steps}')
     with jax.default_device(jax.devices('cpu')[0]):
-      evaluate_checkpoint(config, state_dict)
-  if _STEPS.value is None and (_METRICS.value or _CHECKPOINT.value):
-    return 0
-  num_steps = DEFAULT_STEPS if _STEPS.value is None else _STEPS.value
-  if num_steps <= 0:
-    raise UsageError(f'--steps must be positive, got {num_steps}')
-  with jax.default_device(jax.devices('cpu')[0]):
-    result = run_comparison(config, training_batches(config, num_steps), rtol=_RTOL.value,
-                            float64=_FLOAT64.value)
-  return 0 if result.ok else 1
+      result = run_comparison(config, training_batches(config, num_steps), rtol=rtol_flag.value,
+                              float64=float64_flag.value)
+    return 0 if result.ok else 1
+
+  return main
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(command())
