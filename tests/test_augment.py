@@ -189,7 +189,7 @@ jit_color_jitter = jax.jit(augment.color_jitter)
 @contextlib.contextmanager
 def _fixed_jitter_params(params):
   """ColorJitter draws `params` (an iterator of get_params results) instead of its own."""
-  original = T.ColorJitter.get_params
+  original = T.ColorJitter.__dict__['get_params']  # the staticmethod itself, to restore
   T.ColorJitter.get_params = staticmethod(lambda *_: next(params))
   try:
     yield
@@ -350,7 +350,7 @@ def _torchvision_policy(policy, params):
       T.RandomAffine: lambda *_: (0.0, (int(p['translate'][0][current['i']]),
                                         int(p['translate'][1][current['i']])), 1.0, (0.0, 0.0)),
   }
-  originals = {cls: cls.get_params for cls in patched}
+  originals = {cls: cls.__dict__['get_params'] for cls in patched}  # the staticmethods
 
   def transforms(i):
     current['i'] = i
