@@ -19,15 +19,6 @@ from jaxres import checkpoints, cli, evaluation, input_pipeline, models, paralle
 from jaxres.errors import UsageError
 from jaxres.train_state import TrainState
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A jaxres run directory.')
-_STEP = flags.DEFINE_string('step', 'latest', 'Checkpoint to evaluate: latest, best or a step.')
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (with --torch-checkpoint).')
-_TORCH = flags.DEFINE_string('torch-checkpoint', None,
-                             'A PyTorch state_dict (.pth) of the seed model to evaluate.')
-_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of tables.')
-_DATA_NAME = flags.DEFINE_string('data_name', None, 'Override data.name.')
-_DATA_ROOT = flags.DEFINE_string('data_root', None, 'Override data.root.')
-
 
 def _torch_state(config, model, path: str, sharding):
   """(TrainState, label) of a PyTorch state_dict of the seed model that fits `model`.
@@ -55,34 +46,50 @@ def run_eval(config, state, mesh) -> dict:
   return evaluation.report(sums, test.classes)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  mesh = parallel.make_mesh()
-  if _TORCH.value:
-    if cli.config_value(_CONFIG) is None:
-      raise UsageError('--torch-checkpoint needs --config (e.g. experiments/base.py)')
-    config = cli.config_value(_CONFIG).copy_and_resolve_references()
-    model = models.create_model(config)
-    state, step = _torch_state(config, model, _TORCH.value, parallel.replicated(mesh))
-  elif _WORKDIR.value:
-    config, _, state, step = checkpoints.load_run(_WORKDIR.value, _STEP.value, mesh)
-  else:
-    raise UsageError('give --workdir DIR, or --config FILE with --torch-checkpoint FILE')
-  with config.unlocked():
-    if _DATA_NAME.value:
-      config.data.name = _DATA_NAME.value
-    if _DATA_ROOT.value:
-      config.data.root = _DATA_ROOT.value
-  result = run_eval(config, state, mesh)
-  result['checkpoint'] = step
-  if parallel.is_main_process():
-    if _JSON.value:
-      print(json.dumps(result))
+def command():
+  """The command-line entry point: defines the flags (only then, so that importing this
+  module as a library defines none) and returns main(argv)."""
+  workdir_flag = flags.DEFINE_string('workdir', None, 'A jaxres run directory.')
+  step_flag = flags.DEFINE_string('step', 'latest',
+                                  'Checkpoint to evaluate: latest, best or a step.')
+  config_flag = config_flags.DEFINE_config_file('config', None,
+                                                'Config file (with --torch-checkpoint).')
+  torch_flag = flags.DEFINE_string('torch-checkpoint', None,
+                                   'A PyTorch state_dict (.pth) of the seed model to evaluate.')
+  json_flag = flags.DEFINE_bool('json', False, 'Print one JSON object instead of tables.')
+  data_name_flag = flags.DEFINE_string('data_name', None, 'Override data.name.')
+  data_root_flag = flags.DEFINE_string('data_root', None, 'Override data.root.')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    mesh = parallel.make_mesh()
+    if torch_flag.value:
+      if cli.config_value(config_flag) is None:
+        raise UsageError('--torch-checkpoint needs --config (e.g. experiments/base.py)')
+      config = cli.config_value(config_flag).copy_and_resolve_references()
+      model = models.create_model(config)
+      state, step = _torch_state(config, model, torch_flag.value, parallel.replicated(mesh))
+    elif workdir_flag.value:
+      config, _, state, step = checkpoints.load_run(workdir_flag.value, step_flag.value, mesh)
     else:
-      print(f'checkpoint {step}')
-      print(evaluation.format_report(result))
+      raise UsageError('give --workdir DIR, or --config FILE with --torch-checkpoint FILE')
+    with config.unlocked():
+      if data_name_flag.value:
+        config.data.name = data_name_flag.value
+      if data_root_flag.value:
+        config.data.root = data_root_flag.value
+    result = run_eval(config, state, mesh)
+    result['checkpoint'] = step
+    if parallel.is_main_process():
+      if json_flag.value:
+        print(json.dumps(result))
+      else:
+        print(f'checkpoint {step}')
+        print(evaluation.format_report(result))
+
+  return main
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(command())

@@ -17,10 +17,6 @@ import jax
 from jaxres import checkpoints, cli, parallel, torch_compat, train_state
 from jaxres.errors import UsageError
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A jaxres run directory.')
-_STEP = flags.DEFINE_string('step', 'latest', 'Checkpoint to export: latest, best or a step.')
-_OUTPUT = flags.DEFINE_string('output', None, 'The .pth file to write.')
-
 
 def export(workdir: str, which: str, output: str) -> str:
   """Write checkpoint `which` of `workdir` to `output`; returns a one-line summary."""
@@ -40,15 +36,24 @@ def export(workdir: str, which: str, output: str) -> str:
           f'weights_only=True))')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _WORKDIR.value or not _OUTPUT.value:
-    raise UsageError('give --workdir DIR and --output FILE.pth')
-  summary = export(_WORKDIR.value, _STEP.value, _OUTPUT.value)
-  if parallel.is_main_process():
-    print(summary)
+def command():
+  """The command-line entry point: defines the flags (only then, so that importing this
+  module as a library defines none) and returns main(argv)."""
+  workdir_flag = flags.DEFINE_string('workdir', None, 'A jaxres run directory.')
+  step_flag = flags.DEFINE_string('step', 'latest', 'Checkpoint to export: latest, best or a step.')
+  output_flag = flags.DEFINE_string('output', None, 'The .pth file to write.')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if not workdir_flag.value or not output_flag.value:
+      raise UsageError('give --workdir DIR and --output FILE.pth')
+    summary = export(workdir_flag.value, step_flag.value, output_flag.value)
+    if parallel.is_main_process():
+      print(summary)
+
+  return main
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(command())

@@ -22,11 +22,6 @@ import numpy as np
 from jaxres import checkpoints, cli, input_pipeline, parallel, steps
 from jaxres.errors import UsageError
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A jaxres run directory.')
-_STEP = flags.DEFINE_string('step', 'best', 'Checkpoint: latest, best or a step number.')
-_INPUT = flags.DEFINE_string('input', None, 'Images: a CIFAR-style pickle, an .npy or a folder.')
-_OUTPUT = flags.DEFINE_string('output', 'predictions.csv', 'CSV file to write.')
-_BATCH = flags.DEFINE_integer('batch_size', 500, 'Images per forward pass.')
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
@@ -115,24 +110,36 @@ def write_csv(path: str, ids, labels):
   os.replace(tmp, path)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _WORKDIR.value or not _INPUT.value:
-    raise UsageError('--workdir and --input are required')
-  if _BATCH.value <= 0:
-    raise UsageError('--batch_size must be positive')
-  out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
-  if not os.access(out_dir, os.W_OK):
-    raise UsageError(f'cannot write {_OUTPUT.value}: {out_dir} is not writable')
-  mesh = parallel.make_mesh()
-  config, model, state, step = checkpoints.load_run(_WORKDIR.value, _STEP.value, mesh)
-  ids, images = read_images(_INPUT.value, config.data.image_size)
-  labels = predict_labels(model, state, images, _BATCH.value, tuple(config.data.mean),
-                          tuple(config.data.std), config.eval_tta)
-  write_csv(_OUTPUT.value, ids, labels)
-  print(f'wrote {len(labels)} predictions to {_OUTPUT.value} (checkpoint {step})')
+def command():
+  """The command-line entry point: defines the flags (only then, so that importing this
+  module as a library defines none) and returns main(argv)."""
+  workdir_flag = flags.DEFINE_string('workdir', None, 'A jaxres run directory.')
+  step_flag = flags.DEFINE_string('step', 'best', 'Checkpoint: latest, best or a step number.')
+  input_flag = flags.DEFINE_string('input', None,
+                                   'Images: a CIFAR-style pickle, an .npy or a folder.')
+  output_flag = flags.DEFINE_string('output', 'predictions.csv', 'CSV file to write.')
+  batch_flag = flags.DEFINE_integer('batch_size', 500, 'Images per forward pass.')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if not workdir_flag.value or not input_flag.value:
+      raise UsageError('--workdir and --input are required')
+    if batch_flag.value <= 0:
+      raise UsageError('--batch_size must be positive')
+    out_dir = os.path.dirname(os.path.abspath(output_flag.value))
+    if not os.access(out_dir, os.W_OK):
+      raise UsageError(f'cannot write {output_flag.value}: {out_dir} is not writable')
+    mesh = parallel.make_mesh()
+    config, model, state, step = checkpoints.load_run(workdir_flag.value, step_flag.value, mesh)
+    ids, images = read_images(input_flag.value, config.data.image_size)
+    labels = predict_labels(model, state, images, batch_flag.value, tuple(config.data.mean),
+                            tuple(config.data.std), config.eval_tta)
+    write_csv(output_flag.value, ids, labels)
+    print(f'wrote {len(labels)} predictions to {output_flag.value} (checkpoint {step})')
+
+  return main
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(command())

@@ -6,6 +6,9 @@ import sys
 import time
 from typing import Optional
 
+# Fields of a metrics.jsonl record that differ run to run (wall-clock figures).
+TIMING_KEYS = ('epoch_seconds', 'images_per_second', 'eval_seconds')
+
 
 def epoch_line(record: dict, num_epochs: int) -> str:
   """The seed's per-epoch report, plus learning rate, seconds and images/s."""

@@ -27,19 +27,7 @@ from jaxres import reporting, steps
 from jaxres import train_state as train_state_lib
 from jaxres.errors import Interrupted, NonFiniteLossError, UsageError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (get_config()).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, curves and checkpoints.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0, for a multi-host run '
-                                   '(default: $JAX_COORDINATOR_ADDRESS).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      'Processes in a multi-host run (default: $JAX_NUM_PROCESSES).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   'This process, 0..num_processes-1 (default: $JAX_PROCESS_ID).')
-
 CHECK_EVERY = 50  # steps between host-side looks at the loss (non-finite check, progress)
-TIMING_KEYS = ('epoch_seconds', 'images_per_second', 'eval_seconds')  # differ run to run
 # Fields that may differ between a run and its resumption: they do not change what is
 # computed (num_epochs only extends the run).
 RESUMABLE_CHANGES = ('resume', 'allow_config_change', 'progress', 'num_epochs',
@@ -329,16 +317,34 @@ def _train_epoch(state, sums, epoch, first_step, train_fn, feed, ckpts, config, 
   return state, sums
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if cli.config_value(_CONFIG) is None:
-    raise UsageError('--config is required (e.g. --config experiments/base.py)')
-  if not _WORKDIR.value:
-    raise UsageError('--workdir is required (e.g. --workdir runs/base)')
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  train_and_evaluate(cli.config_value(_CONFIG), _WORKDIR.value)
+def command():
+  """The command-line entry point: defines the flags (only then, so that importing this
+  module as a library defines none) and returns main(argv)."""
+  config_flag = config_flags.DEFINE_config_file(
+      'config', None, 'Path to a config file (get_config()).', lock_config=True)
+  workdir_flag = flags.DEFINE_string('workdir', None,
+                                     'Directory for metrics, curves and checkpoints.')
+  coordinator_flag = flags.DEFINE_string('coordinator_address', None,
+                                         'host:port of process 0, for a multi-host run '
+                                         '(default: $JAX_COORDINATOR_ADDRESS).')
+  num_processes_flag = flags.DEFINE_integer(
+      'num_processes', None, 'Processes in a multi-host run (default: $JAX_NUM_PROCESSES).')
+  process_id_flag = flags.DEFINE_integer(
+      'process_id', None, 'This process, 0..num_processes-1 (default: $JAX_PROCESS_ID).')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if cli.config_value(config_flag) is None:
+      raise UsageError('--config is required (e.g. --config experiments/base.py)')
+    if not workdir_flag.value:
+      raise UsageError('--workdir is required (e.g. --workdir runs/base)')
+    parallel.initialize_distributed(coordinator_flag.value, num_processes_flag.value,
+                                    process_id_flag.value)
+    train_and_evaluate(cli.config_value(config_flag), workdir_flag.value)
+
+  return main
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(command())

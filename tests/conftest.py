@@ -68,6 +68,6 @@ def read_metrics(workdir, drop_timing=False):
   with open(path) as f:
     records = [json.loads(line) for line in f if line.endswith('\n')]
   if drop_timing:
-    from jaxres.train import TIMING_KEYS
+    from jaxres.reporting import TIMING_KEYS
     records = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
   return records

@@ -15,9 +15,6 @@ from ml_collections import config_flags
 from jaxres import cli, config_lib
 from jaxres.errors import UsageError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).')
-_DEPTH = flags.DEFINE_integer('depth', 1, 'Module nesting depth of the table rows.')
-
 
 def per_module(params, depth: int = 1) -> list[tuple[str, int]]:
   """(module path, parameter count) rows, grouped at `depth`, sorted by path."""
@@ -29,24 +26,32 @@ def per_module(params, depth: int = 1) -> list[tuple[str, int]]:
   return list(rows.items())
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if cli.config_value(_CONFIG) is None:
-    raise UsageError('--config is required (e.g. --config experiments/base.py)')
-  config = cli.config_value(_CONFIG)
-  total, shapes = config_lib.param_count(config)
-  rows = per_module(shapes, _DEPTH.value)
-  width = max(len(name) for name, _ in rows + [('module', 0)])
-  print(f'{"module":<{width}}  {"parameters":>12}')
-  for name, count in rows:
-    print(f'{name:<{width}}  {count:>12,}')
-  print(f'{"total":<{width}}  {total:>12,}')
-  budget = config.param_budget
-  verdict = 'OVER BUDGET' if total > budget else 'within budget'
-  print(f'total trainable parameters: {total} ({verdict}: config.param_budget = {budget})')
-  return 1 if total > budget else 0
+def command():
+  """The command-line entry point: defines the flags (only then, so that importing this
+  module as a library defines none) and returns main(argv)."""
+  config_flag = config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).')
+  depth_flag = flags.DEFINE_integer('depth', 1, 'Module nesting depth of the table rows.')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if cli.config_value(config_flag) is None:
+      raise UsageError('--config is required (e.g. --config experiments/base.py)')
+    config = cli.config_value(config_flag)
+    total, shapes = config_lib.param_count(config)
+    rows = per_module(shapes, depth_flag.value)
+    width = max(len(name) for name, _ in rows + [('module', 0)])
+    print(f'{"module":<{width}}  {"parameters":>12}')
+    for name, count in rows:
+      print(f'{name:<{width}}  {count:>12,}')
+    print(f'{"total":<{width}}  {total:>12,}')
+    budget = config.param_budget
+    verdict = 'OVER BUDGET' if total > budget else 'within budget'
+    print(f'total trainable parameters: {total} ({verdict}: config.param_budget = {budget})')
+    return 1 if total > budget else 0
+
+  return main
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(command())
