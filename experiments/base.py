@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.bn_epsilon = 1e-5
   config.model.sync_batch_stats = True  # BatchNorm over the global batch on many devices
   config.model.conv_impl = 'auto'  # convolution formulation: auto picks by backend
+  config.model.winograd_tile = 4  # m of Winograd F(m x m, 3 x 3) when conv_impl is winograd
   # whitened_resnet only (experiments/fast.py)
   config.model.whiten_kernel = 2
   config.model.whiten_images = 5000  # training images whose patches are whitened

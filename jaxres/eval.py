@@ -41,7 +41,7 @@ def run_eval(config, state, mesh) -> dict:
   model = models.create_model(config, mesh.devices.size)
   loader = input_pipeline.eval_loader(test, config, jax.process_index(), jax.process_count(),
                                       mesh.devices.size)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model))
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, tta=config.eval_tta))
   sums = evaluation.evaluate(eval_fn, state, loader, parallel.data_sharding(mesh))
   return evaluation.report(sums, test.classes)
 

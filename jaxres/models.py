@@ -10,8 +10,10 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from jaxres import layers
+from jaxres import conv as conv_lib
+from jaxres import input_pipeline, layers
 
 PADDING_3X3 = ((1, 1), (1, 1))  # PyTorch's padding=1; 'SAME' differs for stride 2.
 
@@ -49,11 +51,15 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   bn_groups: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'  # 'xla', 'winograd' or 'auto' (jaxres.conv.resolve)
+  winograd_tile: int = 4  # m of Winograd F(m x m, 3 x 3): 4 (fewer multiplies) or 2
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=layers.torch_kernel_init)
+                             kernel_init=layers.torch_kernel_init,
+                             conv_general_dilated=conv_lib.conv_general_dilated(
+                                 self.conv_impl, self.winograd_tile, self.dtype))
     norm = functools.partial(layers.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              num_groups=self.bn_groups if train else 1, dtype=self.dtype)
@@ -71,16 +77,130 @@ class ResNet(nn.Module):
     return x.astype(jnp.float32)
 
 
+def dirac_kernel_init(base_init=layers.torch_kernel_init):
+  """`base_init`, then the identity for the first in_channels output channels (HWIO).
+
+  An implicit residual at initialization, as in the airbench speed runs' convolutions.
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    kernel = base_init(key, shape, dtype)
+    h, w, cin, cout = shape
+    eye = jnp.zeros((h, w, cin, min(cin, cout)), dtype).at[h // 2, w // 2].set(
+        jnp.eye(cin, min(cin, cout), dtype=dtype))
+    return kernel.at[..., :min(cin, cout)].set(eye)
+
+  return init
+
+
+class ConvGroup(nn.Module):
+  """conv3x3 -> maxpool 2 -> BN -> act -> conv3x3 -> BN (+ residual) -> act."""
+
+  features: int
+  conv: Any
+  norm: Any
+  act: Any
+  residual: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    x = self.conv(self.features, (3, 3), padding=PADDING_3X3, name='conv1')(x)
+    x = layers.max_pool(x, 2)
+    x = self.act(self.norm(name='norm1')(x))
+    y = self.conv(self.features, (3, 3), padding=PADDING_3X3, name='conv2')(x)
+    y = self.norm(name='norm2')(y)
+    return self.act(y + x if self.residual else y)
+
+
+class WhitenedResNet(nn.Module):
+  """A small wide residual net for fast CIFAR-10 training (experiments/fast.py).
+
+  A frozen 2x2 patch-whitening convolution (its kernel computed from the training
+  images by `whitening_kernel`; only its bias trains), then one ConvGroup per width, each
+  halving the resolution, a global max pool and a bias-free linear layer scaled by
+  `logit_scale`. BatchNorm has no scale parameter. This is the airbench94 network with a
+  residual connection around each group's second convolution.
+  """
+
+  widths: Sequence[int] = (64, 256, 256)
+  whiten_kernel: int = 2
+  num_classes: int = 10
+  bn_momentum: float = 0.4
+  bn_epsilon: float = 1e-12
+  bn_groups: int = 1
+  logit_scale: float = 1 / 9
+  residual: bool = True
+  dtype: Any = jnp.float32
+  conv_impl: str = 'xla'  # as ResNet.conv_impl
+  winograd_tile: int = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=dirac_kernel_init(),
+                             conv_general_dilated=conv_lib.conv_general_dilated(
+                                 self.conv_impl, self.winograd_tile, self.dtype))
+    norm = functools.partial(layers.BatchNorm, use_running_average=not train, use_scale=False,
+                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             num_groups=self.bn_groups if train else 1, dtype=self.dtype)
+    act = functools.partial(nn.gelu, approximate=True)
+    x = x.astype(self.dtype)
+    k = self.whiten_kernel
+    x = nn.Conv(whitening_width(k), (k, k), padding='VALID', use_bias=True, dtype=self.dtype,
+                conv_general_dilated=conv_lib.conv_general_dilated(
+                    self.conv_impl, self.winograd_tile, self.dtype), name='whiten')(x)
+    x = act(x)
+    for i, features in enumerate(self.widths):
+      x = ConvGroup(features, conv, norm, act, self.residual, name=f'group{i + 1}')(x)
+    x = jnp.max(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype,
+                 kernel_init=layers.torch_kernel_init, name='linear')(x)
+    return (x * self.logit_scale).astype(jnp.float32)
+
+
+def whitening_width(kernel_size: int) -> int:
+  """Channels of the whitening layer: +/- each eigenvector of the 3 k k patch space."""
+  return 2 * 3 * kernel_size * kernel_size
+
+
+def whitening_kernel(images: np.ndarray, kernel_size: int = 2, eps: float = 5e-4) -> np.ndarray:
+  """A k x k convolution kernel (HWIO) that whitens the patches of normalized NHWC images.
+
+  Each eigenvector v of the patch covariance, scaled by 1/sqrt(eigenvalue + eps), is one
+  filter, with -v beside it, largest eigenvalue first: the filters' responses are
+  uncorrelated with unit variance over the training patches.
+  """
+  n, h, w, c = images.shape
+  k = kernel_size
+  patches = np.stack([images[:, i:h - k + 1 + i, j:w - k + 1 + j, :]
+                      for i in range(k) for j in range(k)], axis=3)  # n, h', w', k*k, c
+  flat = patches.reshape(-1, k * k * c).astype(np.float64)
+  covariance = flat.T @ flat / len(flat)
+  eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+  order = np.argsort(eigenvalues)[::-1]
+  scaled = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + eps)
+  kernel = scaled.reshape(k, k, c, k * k * c)
+  return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
+
+
 def create_model(config: ml_collections.ConfigDict, num_devices: int = 1) -> nn.Module:
   """The model a config describes. `num_devices` matters for per-device BatchNorm only."""
   m = config.model
+  groups = 1 if m.sync_batch_stats else num_devices
+  if m.name == 'whitened_resnet':
+    return WhitenedResNet(
+        widths=tuple(m.widths), whiten_kernel=m.whiten_kernel, num_classes=m.num_classes,
+        bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, bn_groups=groups,
+        logit_scale=m.logit_scale, residual=m.residual, dtype=jnp.dtype(config.dtype),
+        conv_impl=m.conv_impl, winograd_tile=m.winograd_tile)
   if m.name != 'resnet':
     raise ValueError(f'unknown model.name {m.name!r}')
   return ResNet(
       widths=tuple(m.widths), blocks=tuple(m.blocks), num_classes=m.num_classes,
       bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
-      bn_groups=1 if m.sync_batch_stats else num_devices,
-      dtype=jnp.dtype(config.dtype))
+      bn_groups=groups,
+      dtype=jnp.dtype(config.dtype),
+      conv_impl=m.conv_impl, winograd_tile=m.winograd_tile)
 
 
 def data_init(config: ml_collections.ConfigDict, train_split) -> dict:
@@ -88,7 +208,10 @@ def data_init(config: ml_collections.ConfigDict, train_split) -> dict:
 
   Empty for models without such layers; train_state.create merges the result.
   """
-  del train_split
   if config.model.name == 'resnet':
     return {}
+  if config.model.name == 'whitened_resnet':
+    m, d = config.model, config.data
+    images = input_pipeline.normalize(train_split.images[:m.whiten_images], d.mean, d.std)
+    return {'whiten': {'kernel': whitening_kernel(images, m.whiten_kernel, m.whiten_eps)}}
   raise ValueError(f'unknown model.name {config.model.name!r}')

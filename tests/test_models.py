@@ -1,10 +1,11 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import base, smoke
-from jaxres import layers, models, train_state
+from jaxres import config_lib, input_pipeline, layers, models, train_state
 
 
 def _init(config, batch=2, shapes_only=False):
@@ -82,3 +83,56 @@ def test_torch_default_init_bounds(shape):
   bound = 1 / np.sqrt(fan_in)
   assert float(jnp.max(jnp.abs(w))) <= bound
   np.testing.assert_allclose(float(jnp.std(w)), bound / np.sqrt(3), rtol=0.05)
+
+
+# ---------------------------------------------------------------------------- fast recipe model
+
+def test_max_pool_equals_flax_max_pool_with_gradient():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 9, 3))  # odd sizes: remainders dropped
+  ours = layers.max_pool(x, 2)
+  np.testing.assert_array_equal(ours, nn.max_pool(x, (2, 2), (2, 2)))
+  grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
+  np.testing.assert_allclose(grad(lambda x: layers.max_pool(x, 2)),
+                             grad(lambda x: nn.max_pool(x, (2, 2), (2, 2))), rtol=1e-6)
+
+
+def test_dirac_init_is_the_identity_on_the_first_channels():
+  kernel = models.dirac_kernel_init()(jax.random.PRNGKey(0), (3, 3, 4, 6))
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 5, 5, 4))
+  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(y[..., :4], x, atol=1e-6)
+  assert float(jnp.std(kernel[..., 4:])) > 0  # the other channels keep the random init
+
+
+def test_whitening_kernel_whitens_the_training_patches():
+  rng = np.random.default_rng(0)
+  mixing = np.array([[1.0, 0.8, 0.6], [0.0, 0.5, 0.4], [0.0, 0.0, 0.3]])
+  images = (rng.normal(size=(64, 8, 8, 3)) @ mixing).astype(np.float32)
+  kernel = models.whitening_kernel(images, kernel_size=2, eps=1e-9)
+  assert kernel.shape == (2, 2, 3, models.whitening_width(2))
+  np.testing.assert_array_equal(kernel[..., 12:], -kernel[..., :12])  # +v and -v
+  responses = jax.lax.conv_general_dilated(images, kernel[..., :12], (1, 1), 'VALID',
+                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  flat = np.asarray(responses).reshape(-1, 12).astype(np.float64)
+  np.testing.assert_allclose(flat.T @ flat / len(flat), np.eye(12), atol=1e-3)
+
+
+def test_fast_model_shapes_budget_and_data_init():
+  from experiments import fast
+  config = fast.get_config()
+  total, shapes = config_lib.param_count(config)
+  assert total == 1_971_640 <= config.param_budget
+  assert shapes['whiten']['kernel'].shape == (2, 2, 3, 24)
+  assert shapes['linear']['kernel'].shape == (256, 10)
+  assert 'scale' not in shapes['group1']['norm1']  # BatchNorm without scale
+  split, _ = input_pipeline.synthetic(64, 10)
+  with config.unlocked():
+    config.model.whiten_images = 32
+    config.model.conv_impl = 'xla'  # compiles faster; tests/test_conv.py covers the rest
+  overrides = models.data_init(config, split)
+  assert overrides['whiten']['kernel'].shape == (2, 2, 3, 24)
+  model = models.create_model(config)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))
+  logits = model.apply(variables, jnp.zeros((2, 32, 32, 3)))
+  assert logits.shape == (2, 10)
