@@ -43,6 +43,7 @@ def _config():
   config.data.augment = 'seed'
   config.data.synthetic_train_size = 20 * BATCH
   config.data.synthetic_test_size = BATCH
+  config.model.conv_impl = 'auto'  # what base.py runs (Winograd on a CPU), not smoke's 'xla'
   return config
 
 
