@@ -22,6 +22,17 @@ def cli_env(extra=None, cache_dir=None):
   return env
 
 
+@pytest.fixture(scope='module')
+def one_torch_thread():
+  """PyTorch on one thread: on a busy 2-core machine its thread pool only slows it down.
+  Modules that run PyTorch use it with pytestmark = pytest.mark.usefixtures(...)."""
+  import torch
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def compile_cache(tmp_path_factory):
   return tmp_path_factory.mktemp('xla_cache')

@@ -29,13 +29,7 @@ LEVELS = 255.0  # one 8-bit level is 1 / LEVELS
 NEAREST = T.InterpolationMode.NEAREST
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-  """PyTorch on one thread: on a busy 2-core machine its thread pool only slows it down."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _uint8_images(batch, height=32, width=32, seed=0):

@@ -47,13 +47,7 @@ def _config():
   return config
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-  """PyTorch on one thread: on a busy 2-core machine its thread pool only slows it down."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -36,7 +36,6 @@ from typing import Callable, Optional
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
@@ -49,7 +48,7 @@ DTYPES = ('float32', 'bfloat16')
 
 @dataclasses.dataclass
 class Timing:
-  """Steady-state seconds per call (median of `calls`) and the first call's seconds."""
+  """The first call's seconds and the steady-state seconds of each later call."""
   first: float
   seconds: list
 
@@ -58,15 +57,15 @@ class Timing:
     return float(np.median(self.seconds))
 
 
-def time_calls(fn: Callable[[], object], steps: int, warmup: int = 2) -> Timing:
-  """Time fn() `steps` times after `warmup` calls; fn must block until its work is done."""
+def time_calls(fn: Callable[[], object], num_calls: int, warmup: int = 2) -> Timing:
+  """Time fn() `num_calls` times after `warmup` calls; fn must block until it is done."""
   start = time.perf_counter()
   fn()
   first = time.perf_counter() - start
   for _ in range(max(warmup - 1, 0)):
     fn()
   seconds = []
-  for _ in range(steps):
+  for _ in range(num_calls):
     start = time.perf_counter()
     fn()
     seconds.append(time.perf_counter() - start)
