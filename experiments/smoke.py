@@ -15,7 +15,7 @@ def get_config():
   config.model.widths = (8, 16, 32, 64)
   config.model.blocks = (1, 1, 1, 1)
   # At toy widths compilation dominates, and XLA's convolution compiles 2-3x faster than
-  # the CPU matmul formulations (which pay from the seed's widths up: BENCHMARKS.md).
+  # the CPU matmul formulations (which pay at the seed's widths: tools.bench).
   config.model.conv_impl = 'xla'
   config.data.name = 'synthetic'
   config.data.num_workers = 0

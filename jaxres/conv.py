@@ -4,7 +4,8 @@ Why: on CPU, XLA's convolutions are slow where PyTorch's oneDNN is fast -- above
 the weight gradients, which XLA computes as a convolution over the batch after
 transposing activations to a batch-minor layout -- while XLA's CPU matmuls run near
 the machine's peak. Every convolution of the ResNet is rewritten here as matmuls plus
-cheap, fusible data movement; BENCHMARKS.md has the per-layer measurements.
+cheap, fusible data movement (`python -m tools.bench` measures the train step with
+and without them).
 
 3x3, stride 1 (all but the downsampling convs): Winograd's minimal filtering algorithm
 F(m x m, 3 x 3) (Lavin & Gray, 2015). With alpha = m + 2, every alpha x alpha input
@@ -334,7 +335,7 @@ def _formulation(rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,
 def resolve(impl: str, backend: Optional[str] = None, dtype=jnp.float32) -> str:
   """The concrete implementation ('xla' or 'winograd') that `impl` means.
 
-  'auto' is 'winograd' on CPU in float32, where it measurably wins (BENCHMARKS.md),
+  'auto' is 'winograd' on CPU in float32, where it wins,
   and 'xla' elsewhere: GPU and TPU convolution libraries beat these formulations, and
   Winograd's transforms lose too much precision in 16-bit floats.
   """

@@ -26,6 +26,7 @@ from jaxres.errors import UsageError
 # The seed normalizes with mean 0.5 and std 0.5 per channel.
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
+PREFETCH_FACTOR = 4  # batches each DataLoader worker prepares ahead
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
                    'horse', 'ship', 'truck')
 
@@ -70,13 +71,10 @@ def test_transform(mean=MEAN, std=STD):
   return T.Compose([T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
 
 
-def normalize(images_uint8, mean=MEAN, std=STD, xp=np):
-  """ToTensor + Normalize for a whole uint8 NHWC array, bit for bit as torchvision.
-
-  `xp` is numpy (host batches) or jax.numpy (batches made on the device).
-  """
-  x = images_uint8.astype(xp.float32) / xp.float32(255)
-  return (x - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
+def normalize(images_uint8: np.ndarray, mean=MEAN, std=STD) -> np.ndarray:
+  """ToTensor + Normalize for a whole uint8 NHWC array, bit for bit as torchvision."""
+  x = images_uint8.astype(np.float32) / np.float32(255)
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -303,7 +301,7 @@ class Loader:
           num_workers=self.num_workers, collate_fn=_collate,
           persistent_workers=self.num_workers > 0,
           multiprocessing_context='spawn' if self.num_workers > 0 else None,
-          prefetch_factor=4 if self.num_workers > 0 else None)
+          prefetch_factor=PREFETCH_FACTOR if self.num_workers > 0 else None)
     return self._torch_loader
 
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:

@@ -11,7 +11,8 @@ compilation and in steady state (block_until_ready / synchronize):
 - the PyTorch reference train step (the seed's ModifiedResNet, Adam) eagerly and with
   torch.compile where that works, and jaxres / PyTorch eager (`ratio`); the reference
   exists for the seed's model only (model.name='resnet');
-- the input pipelines in images/s: the torchvision transforms of data.augment through a
+- the input pipelines in images/s (the mean over the timed batches, after the workers'
+  queues are drained): the torchvision transforms of data.augment through a
   DataLoader with data.num_workers workers, and the on-device augmentation;
 - an epoch's wall time for each data path: estimated from the rates (--epoch_images;
   the host path serially, as on a CPU, where pipeline and step share the cores), or
@@ -80,16 +81,19 @@ def _random_labels(n: int, num_classes: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed + 1).integers(0, num_classes, n).astype(np.int32)
 
 
+def _random_split(config, n: int) -> input_pipeline.Split:
+  """n random images and labels shaped like config's data."""
+  k = config.model.num_classes
+  return input_pipeline.Split(_random_images(n, config.data.image_size),
+                              _random_labels(n, k), tuple(str(c) for c in range(k)))
+
+
 def _setup(config, steps_per_epoch: int):
-  """(model, tx, initial TrainState) of `config` on the default device."""
+  """(model, tx, initial TrainState) of `config` on the default device; data-dependent
+  layers (a whitening layer) are initialized from random images."""
   model = models.create_model(config)
   tx = optim.create_optimizer(config, steps_per_epoch=steps_per_epoch)
-  overrides = {}
-  if config.model.name == 'whitened_resnet':  # data-dependent init from random images
-    images = input_pipeline.normalize(_random_images(256, config.data.image_size),
-                                      config.data.mean, config.data.std)
-    overrides = {'whiten': {'kernel': models.whitening_kernel(images, config.model.whiten_kernel,
-                                                              config.model.whiten_eps)}}
+  overrides = models.data_init(config, _random_split(config, 256))
   state = jax.jit(functools.partial(train_state.create, config, model, tx))(overrides)
   return model, tx, state
 
@@ -190,18 +194,14 @@ def bench_torch_step(config, batch_size: int, num_steps: int, dtype: str,
 def bench_pipelines(config, batch_size: int, num_batches: int) -> dict:
   """Images/s of the torchvision path (DataLoader workers) and the on-device augmentation."""
   d = config.data
-  split = input_pipeline.Split(_random_images(batch_size * (num_batches + 2), d.image_size),
-                               _random_labels(batch_size * (num_batches + 2),
-                                              config.model.num_classes),
-                               tuple(str(c) for c in range(config.model.num_classes)))
-  loader = input_pipeline.Loader(split, batch_size,
-                                 input_pipeline.train_transform(d.augment, d.image_size,
-                                                                d.mean, d.std),
-                                 seed=config.seed, shuffle=True, augment_seeds=True,
-                                 drop_last=True, num_workers=d.num_workers)
+  # The DataLoader's workers queue up to PREFETCH_FACTOR batches each: the warm-up drains
+  # that queue, so the timed batches come at the rate the workers make them.
+  warmup = input_pipeline.PREFETCH_FACTOR * d.num_workers + 2
+  split = _random_split(config, batch_size * (num_batches + warmup))
+  loader = input_pipeline.train_loader(split, config)
   batches = iter(loader.epoch(1))
-  timing = time_calls(lambda: next(batches), num_batches)
-  result = {'torchvision_pipeline_img_s': batch_size / timing.median,
+  timing = time_calls(lambda: next(batches), num_batches, warmup=warmup)
+  result = {'torchvision_pipeline_img_s': batch_size / np.mean(timing.seconds),
             'torchvision_workers': d.num_workers}
 
   data = jax.device_put({'image': split.images, 'label': split.labels})
@@ -221,10 +221,7 @@ def measure_epochs(config, num_images: int) -> dict:
   """Wall time of one real epoch of the training feed over `num_images` random images,
   host path and on-device path (compilation included)."""
   mesh = parallel.make_mesh()
-  d = config.data
-  split = input_pipeline.Split(_random_images(num_images, d.image_size),
-                               _random_labels(num_images, config.model.num_classes),
-                               tuple(str(c) for c in range(config.model.num_classes)))
+  split = _random_split(config, num_images)
   result = {}
   for on_device in (False, True):
     cfg = config.copy_and_resolve_references()
