@@ -17,6 +17,8 @@ def get_config():
   # At toy widths compilation dominates, and XLA's convolution compiles 2-3x faster than
   # the CPU matmul formulations (which pay at the seed's widths: tools.bench).
   config.model.conv_impl = 'xla'
+  # Toy buffers stay under glibc's mmap threshold: restarting for huge pages gains nothing.
+  config.host_allocator = 'system'
   config.data.name = 'synthetic'
   config.data.num_workers = 0
   config.data.augment = 'flip_crop'

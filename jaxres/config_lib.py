@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxres import models, train_state
+from jaxres import host_allocator, models, train_state
 from jaxres.errors import UsageError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -28,6 +28,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.weight_decay >= 0, f'config.weight_decay must be >= 0, got {config.weight_decay!r}')
   _require(config.param_budget > 0, f'config.param_budget must be positive, got {config.param_budget!r}')
   _require(config.dtype in DTYPES, f'config.dtype must be one of {", ".join(DTYPES)}, got {config.dtype!r}')
+  _require(config.host_allocator in host_allocator.POLICIES,
+           f'config.host_allocator must be one of {", ".join(host_allocator.POLICIES)}, '
+           f'got {config.host_allocator!r}')
   _require(config.optimizer in ('adam', 'sgd'), f'config.optimizer must be adam or sgd, got {config.optimizer!r}')
   _require(config.schedule in ('plateau', 'constant', 'triangle'),
            f'config.schedule must be plateau, constant or triangle, got {config.schedule!r}')

@@ -22,8 +22,8 @@ import numpy as np
 from ml_collections import config_flags
 
 from jaxres import checkpoints as checkpoints_lib
-from jaxres import cli, config_lib, evaluation, feeds, input_pipeline, models, optim, parallel
-from jaxres import reporting, steps
+from jaxres import cli, config_lib, evaluation, feeds, host_allocator, input_pipeline, models
+from jaxres import optim, parallel, reporting, steps
 from jaxres import train_state as train_state_lib
 from jaxres.errors import Interrupted, NonFiniteLossError, UsageError
 
@@ -339,9 +339,12 @@ def command():
       raise UsageError('--config is required (e.g. --config experiments/base.py)')
     if not workdir_flag.value:
       raise UsageError('--workdir is required (e.g. --workdir runs/base)')
+    config = cli.config_value(config_flag)
+    config_lib.validate(config)
+    host_allocator.apply(config.host_allocator)  # may restart this command, once
     parallel.initialize_distributed(coordinator_flag.value, num_processes_flag.value,
                                     process_id_flag.value)
-    train_and_evaluate(cli.config_value(config_flag), workdir_flag.value)
+    train_and_evaluate(config, workdir_flag.value)
 
   return main
 

@@ -41,7 +41,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from jaxres import cli, config_lib, conv, feeds, input_pipeline, models, optim, parallel, steps
-from jaxres import train_state
+from jaxres import host_allocator, train_state
 from jaxres.errors import UsageError
 
 DTYPES = ('float32', 'bfloat16')
@@ -286,6 +286,7 @@ def run(config, batch_size: int, dtype: str, num_steps: int, torch_compile: bool
             'conv_impl': conv.resolve(config.model.conv_impl, dtype=jnp.dtype(dtype)),
             'augment': config.data.augment,
             'xla_flags': os.environ.get('XLA_FLAGS', ''),
+            'host_allocator': config.host_allocator,
             'date': time.strftime('%Y-%m-%d')}
   result.update(_versions())
   result.update(bench_jax_step(config, batch_size, num_steps))
@@ -320,7 +321,8 @@ def format_table(r: dict) -> str:
       f'torchvision {r["torchvision"]}',
       f'setup       model {r["model"]} ({r["params"]:,} params), batch {r["batch_size"]}, '
       f'{r["dtype"]}, conv_impl {r["conv_impl"]}, augment {r["augment"]}, '
-      f'{r["steps"]} timed steps, XLA_FLAGS={r["xla_flags"] or "(none)"}',
+      f'{r["steps"]} timed steps, host allocator {r["host_allocator"]}, '
+      f'XLA_FLAGS={r["xla_flags"] or "(none)"}',
       '',
       'train step',
       f'  jaxres                         {rate("jax_train_img_s")}   '
@@ -376,7 +378,10 @@ def command():
                        ('--epoch_images', epoch_images_flag)):
       if flag.value <= 0:
         raise UsageError(f'{name} must be positive, got {flag.value}')
-    result = run(cli.config_value(config_flag), batch_flag.value, dtype_flag.value,
+    config = cli.config_value(config_flag)
+    config_lib.validate(config)
+    host_allocator.apply(config.host_allocator)  # as jaxres.train does
+    result = run(config, batch_flag.value, dtype_flag.value,
                  steps_flag.value, compile_flag.value, epoch_flag.value,
                  epoch_images_flag.value)
     print(json.dumps(result) if json_flag.value else format_table(result))
