@@ -8,8 +8,8 @@ time went to the kernel.
 
 Policy 'hugepages' (config.host_allocator) runs the command under glibc's tunable
 glibc.malloc.hugetlb=1: malloc asks for transparent huge pages (madvise MADV_HUGEPAGE)
-on the memory it maps, so the same working set takes 512x fewer faults. Memory use does
-not change. Tunables are read when a process starts, so `apply` restarts the command
+on the memory it maps, so the same working set faults in 2 MB at a time instead of 4 KB.
+Memory use does not change. Tunables are read when a process starts, so `apply` restarts the command
 (the same interpreter and arguments, os.execve) with the tunable added to its
 environment -- once: the restarted process finds it set and goes on. This costs the
 command's imports a second time (seconds).

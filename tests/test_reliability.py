@@ -204,3 +204,15 @@ def test_disk_full_while_checkpointing(smoke_run, run_cli, tmp_path):
     assert config['num_epochs'] == 4
   finally:
     subprocess.run(['umount', str(disk)], check=False)
+
+
+def test_resume_refuses_a_changed_recipe_but_not_a_changed_allocator(smoke_run, run_cli, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(smoke_run[0], workdir)
+  proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.learning_rate=0.1')
+  _assert_clean_failure(proc)
+  assert 'different config (learning_rate)' in proc.stderr
+  # host_allocator changes how memory is served, not what is computed; 'hugepages' also
+  # takes the command through its restart.
+  proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.host_allocator=hugepages')
+  assert proc.returncode == 0, proc.stderr
