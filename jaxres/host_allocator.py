@@ -9,13 +9,13 @@ time went to the kernel.
 Policy 'hugepages' (config.host_allocator) runs the command under glibc's tunable
 glibc.malloc.hugetlb=1: malloc asks for transparent huge pages (madvise MADV_HUGEPAGE)
 on the memory it maps, so the same working set faults in 2 MB at a time instead of 4 KB.
-Memory use does not change. Tunables are read when a process starts, so `apply` restarts the command
-(the same interpreter and arguments, os.execve) with the tunable added to its
-environment -- once: the restarted process finds it set and goes on. This costs the
-command's imports a second time (seconds).
+Memory use does not change. Tunables are read when a process starts, so `apply` restarts
+the command (the same interpreter and arguments, os.execve: the same process id) with the
+tunable added to its environment -- once: the restarted process finds it set and goes
+on. This costs the command's imports a second time (seconds).
 
-Policy 'system' leaves the allocator as it is. Both do nothing where they cannot help:
-outside Linux with glibc, or where the kernel has transparent huge pages off.
+Policy 'system' leaves the allocator as it is. 'hugepages' does nothing where it cannot
+help: outside Linux with glibc, or where the kernel has transparent huge pages off.
 
 (Keeping freed memory in the process instead -- mallopt M_MMAP_MAX=0, M_ARENA_MAX=1,
 M_TRIM_THRESHOLD=max -- was as fast, but fragmentation grew a fast.py run's resident set
