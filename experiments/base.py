@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.param_budget = 5_000_000
   # Host memory (jaxres.host_allocator): 'hugepages' restarts the command once with glibc
   # asked for transparent huge pages, so the CPU backend's big buffers fault in 2 MB at a
-  # time, not 4 KB (fast.py's step: 1.2x on a 2-core CPU); 'system' leaves malloc alone.
+  # time, not 4 KB (fast.py's step: 1.5x on a 2-core CPU, BENCHMARKS.md); 'system' leaves
+  # malloc alone.
   config.host_allocator = 'hugepages'
 
   # torch.optim.Adam(lr=1e-3, weight_decay=1e-4): L2 added to the gradient (not AdamW).

@@ -18,8 +18,8 @@ Policy 'system' leaves the allocator as it is. 'hugepages' does nothing where it
 help: outside Linux with glibc, or where the kernel has transparent huge pages off.
 
 (Keeping freed memory in the process instead -- mallopt M_MMAP_MAX=0, M_ARENA_MAX=1,
-M_TRIM_THRESHOLD=max -- was as fast, but fragmentation grew a fast.py run's resident set
-from 4 GB to 21 GB in 30 steps; it is not offered.)
+M_TRIM_THRESHOLD=max -- was as fast, but the heap fragmented and a fast.py timing's
+resident set kept growing towards the machine's memory; it is not offered.)
 """
 
 import ctypes

@@ -30,7 +30,6 @@ from jaxres.errors import Interrupted, NonFiniteLossError, UsageError
 CHECK_EVERY = 50  # steps between host-side looks at the loss (non-finite check, progress)
 # Fields that may differ between a run and its resumption: they do not change what is
 # computed (num_epochs only extends the run).
-# Config fields a run may resume with changed: none changes what is computed.
 RESUMABLE_CHANGES = ('resume', 'allow_config_change', 'progress', 'num_epochs',
                      'data.num_workers', 'log_train_steps', 'host_allocator')
 PLOT_EVERY_SECONDS = 60  # curves.png is redrawn at most this often (and at the end)
