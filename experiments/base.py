@@ -32,8 +32,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   # Parameter groups (see jaxres.optim.param_labels): regexes over 'module/param' paths.
   config.frozen = ()  # never trained, e.g. ('whiten/kernel',)
-  config.frozen_after = ()  # ((regex, epochs), ...): trained for `epochs`, then frozen
+  config.frozen_after = ()  # ((regex, epochs[, lr_scale]), ...): trained for `epochs`, then frozen
   config.bias_lr_scale = 1.0  # BatchNorm biases: learning rate x this, weight decay / this
+  # Muon for convolution kernels (jaxres.optim.orthogonalize): Nesterov momentum, then the
+  # update orthogonalized by Newton-Schulz, at its own rate (which follows the schedule's
+  # factor of learning_rate); the kernel rescaled to norm sqrt(out_channels) at each step.
+  config.muon = ml_collections.ConfigDict()
+  config.muon.enabled = False
+  config.muon.params = r'kernel$'  # regex over paths; only 4-D (convolution) kernels
+  config.muon.learning_rate = 0.24
+  config.muon.momentum = 0.6
+  config.muon.nesterov = True
+  config.muon.ns_steps = 3
+  config.muon.renormalize = True
 
   # ReduceLROnPlateau(mode='min', factor=0.1, patience=5, threshold=1e-4 'rel',
   # cooldown=0), stepped once per epoch on the test loss, as the seed does.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -35,6 +36,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.schedule in ('plateau', 'constant', 'triangle'),
            f'config.schedule must be plateau, constant or triangle, got {config.schedule!r}')
   _require(config.bias_lr_scale > 0, 'config.bias_lr_scale must be positive')
+  for entry in config.get('frozen_after', ()):
+    _require(len(entry) in (2, 3) and entry[1] >= 0 and (len(entry) == 2 or entry[2] > 0),
+             f'config.frozen_after entries are (regex, epochs) or (regex, epochs, lr_scale), '
+             f'got {tuple(entry)!r}')
+  mu = config.get('muon')
+  if mu is not None and mu.enabled:
+    _require(mu.learning_rate > 0, f'config.muon.learning_rate must be positive, got {mu.learning_rate!r}')
+    _require(0 <= mu.momentum < 1, f'config.muon.momentum must be in [0, 1), got {mu.momentum!r}')
+    _require(isinstance(mu.ns_steps, int) and mu.ns_steps > 0,
+             f'config.muon.ns_steps must be a positive integer, got {mu.ns_steps!r}')
+    try:
+      re.compile(mu.params)
+    except re.error as e:
+      raise UsageError(f'config.muon.params is not a regex: {e}') from None
   _require(config.eval_tta in ('none', 'flip', 'flip_translate'),
            f'config.eval_tta must be none, flip or flip_translate, got {config.eval_tta!r}')
   _require(config.eval_every_epoch or config.schedule != 'plateau',

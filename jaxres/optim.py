@@ -5,7 +5,11 @@
   learning rate lives in the optimizer state: visible, checkpointed, settable.
 - `create_plateau`: optax's reduce_on_plateau configured to behave exactly like
   torch.optim.lr_scheduler.ReduceLROnPlateau stepped once per epoch.
+- `orthogonalize`, `renormalize_kernels`: the two pieces Muon adds to Nesterov momentum
+  for convolution kernels (config.muon; Jordan et al. 2024, as in airbench94_muon).
 """
+
+import math
 
 import functools
 import re
@@ -35,7 +39,10 @@ def param_labels(params, config: ml_collections.ConfigDict):
 
   'frozen'    paths matching a regex of config.frozen: never updated;
   'frozen_after_I'  paths matching config.frozen_after[I][0]: updated until epoch
-              config.frozen_after[I][1], then frozen;
+              config.frozen_after[I][1], then frozen; an optional third entry scales
+              the learning rate (and divides the weight decay), as bias_lr_scale does;
+  'muon'      convolution kernels (4-D) matching config.muon.params, when config.muon
+              is enabled: Muon (`orthogonalize`, `renormalize_kernels`);
   'bias'      BatchNorm biases (a 'bias' in a module without a 'kernel'), when
               config.bias_lr_scale != 1: learning rate x bias_lr_scale, weight decay /
               bias_lr_scale (so the decay per step is unchanged);
@@ -43,10 +50,12 @@ def param_labels(params, config: ml_collections.ConfigDict):
   Paths are 'module/submodule/param', e.g. 'whiten/kernel', 'layer1_0/bn1/bias'.
   """
   frozen = [re.compile(p) for p in config.get('frozen', ())]
-  frozen_after = [re.compile(p) for p, _ in config.get('frozen_after', ())]
+  frozen_after = [re.compile(entry[0]) for entry in config.get('frozen_after', ())]
   scale_biases = config.get('bias_lr_scale', 1.0) != 1.0
+  muon = config.get('muon')
+  muon_params = re.compile(muon.params) if muon is not None and muon.enabled else None
 
-  def label(path, _):
+  def label(path, leaf):
     keys = [str(getattr(k, 'key', k)) for k in path]
     name = '/'.join(keys)
     if any(r.search(name) for r in frozen):
@@ -54,6 +63,8 @@ def param_labels(params, config: ml_collections.ConfigDict):
     for i, r in enumerate(frozen_after):
       if r.search(name):
         return f'frozen_after_{i}'
+    if muon_params is not None and jnp.ndim(leaf) == 4 and muon_params.search(name):
+      return 'muon'
     if scale_biases and keys[-1] == 'bias' and 'kernel' not in _siblings(params, keys[:-1]):
       return 'bias'
     return 'default'
@@ -101,6 +112,7 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate=None,
                                 momentum=config.momentum, nesterov=config.nesterov)
   bias_scale = config.get('bias_lr_scale', 1.0)
   frozen_after = list(config.get('frozen_after', ()))
+  muon = config.get('muon')
 
   def make(learning_rate):
     groups = {
@@ -110,12 +122,20 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate=None,
                             optax.scale_by_learning_rate(learning_rate * bias_scale)),
         'frozen': optax.set_to_zero(),
     }
-    for i, (_, epochs) in enumerate(frozen_after):
+    for i, (_, epochs, *scale) in enumerate(frozen_after):
       until = epochs * steps_per_epoch
+      scale = scale[0] if scale else 1.0
       groups[f'frozen_after_{i}'] = optax.chain(
-          direction(weight_decay=config.weight_decay),
-          optax.scale_by_learning_rate(learning_rate),
+          direction(weight_decay=config.weight_decay / scale),
+          optax.scale_by_learning_rate(learning_rate * scale),
           _zero_from_step(until))
+    if muon is not None and muon.enabled:
+      # The schedule's factor of config.learning_rate, applied to Muon's own rate.
+      groups['muon'] = optax.chain(
+          optax.trace(decay=muon.momentum, nesterov=muon.nesterov),
+          orthogonalize(muon.ns_steps),
+          optax.scale_by_learning_rate(learning_rate * (muon.learning_rate / config.learning_rate)),
+          renormalize_kernels() if muon.renormalize else optax.identity())
     return optax.multi_transform(groups, lambda params: param_labels(params, config))
 
   return optax.inject_hyperparams(make)(learning_rate=lr)
@@ -135,6 +155,71 @@ def _zero_from_step(step: int) -> optax.GradientTransformation:
     return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init, update)
+
+
+# Newton-Schulz quintic coefficients of Muon (Jordan et al. 2024): steep at zero, so a few
+# iterations take every singular value of the normalized matrix into roughly [0.7, 1.2].
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(matrix: jax.Array, steps: int,
+                  coeffs: tuple[float, float, float] = NEWTON_SCHULZ_COEFFS,
+                  eps: float = 1e-7) -> jax.Array:
+  """Approximately U V^T for the SVD U S V^T of a 2-D `matrix`, by `steps` iterations.
+
+  X <- a X + (b A + c A A) X with A = X X^T, from X = matrix / |matrix|_F (so every
+  singular value starts in (0, 1]); done on the wide orientation (rows <= columns),
+  where A is the smaller product.
+  """
+  a, b, c = coeffs
+  tall = matrix.shape[0] > matrix.shape[1]
+  x = matrix.T if tall else matrix
+  x = x / (jnp.linalg.norm(x) + eps)
+  for _ in range(steps):
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return x.T if tall else x
+
+
+def orthogonalize(ns_steps: int = 5) -> optax.GradientTransformation:
+  """Replace each convolution kernel's update by its nearest (semi-)orthogonal matrix.
+
+  A kernel (kh, kw, in, out) is the matrix (kh kw in) x out, as PyTorch's Muon treats
+  its (out, in kh kw) weight; the update becomes `newton_schulz` of it, which does not
+  depend on the update's scale.
+  """
+
+  def update(updates, state, params=None):
+    del params
+
+    def one(u):
+      return newton_schulz(u.reshape(-1, u.shape[-1]), ns_steps).reshape(u.shape)
+
+    return jax.tree.map(one, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def renormalize_kernels() -> optax.GradientTransformation:
+  """Rescale each kernel to Frobenius norm sqrt(out_channels) before the update lands.
+
+  Adds params * (sqrt(out) / |params| - 1) to the update, so params + update is
+  the rescaled kernel plus the original update, as airbench94_muon's Muon step does.
+  Behind BatchNorm the scale of a kernel does not change the function; keeping it fixed
+  keeps the effective step size of an orthogonalized update fixed as well.
+  """
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('renormalize_kernels needs the parameters')
+
+    def one(u, p):
+      target = math.sqrt(p.shape[-1])
+      return u + p * (target / jnp.linalg.norm(p) - 1)
+
+    return jax.tree.map(one, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def learning_rate(opt_state) -> jax.Array:

@@ -51,6 +51,9 @@ def test_groups_scale_frozen_and_bias_learning_rates():
   np.testing.assert_allclose(updates['whiten']['bias'], -0.1)  # step 1 of 2 epochs
   later = _one_step_updates(config, steps=3)  # step 3: past 2 epochs of 1 step
   np.testing.assert_allclose(later['whiten']['bias'], 0.0)
+  config.frozen_after = (('whiten/bias', 2, 8.0),)  # with its own learning-rate scale
+  np.testing.assert_allclose(_one_step_updates(config)['whiten']['bias'], -0.8)
+  np.testing.assert_allclose(_one_step_updates(config, steps=3)['whiten']['bias'], 0.0)
 
 
 def test_bias_group_keeps_the_decay_per_step():
@@ -81,3 +84,89 @@ def test_learning_rate_is_readable_and_settable():
   assert float(optim.learning_rate(state)) == np.float32(0.1)
   state = optim.set_learning_rate(state, 0.01)
   assert float(optim.learning_rate(state)) == np.float32(0.01)
+
+
+def test_newton_schulz_orthogonalizes_either_orientation():
+  rng = np.random.default_rng(0)
+  wide = jnp.asarray(rng.normal(size=(16, 40)), jnp.float32)
+  u, _, vt = np.linalg.svd(np.asarray(wide), full_matrices=False)
+  x = optim.newton_schulz(wide, steps=5)
+  singular = np.linalg.svd(np.asarray(x), compute_uv=False)
+  assert singular.min() > 0.6 and singular.max() < 1.25, singular  # about 1, not exactly
+  # Same singular vectors as U V^T: projecting onto them leaves a diagonal, positive matrix.
+  core = u.T @ np.asarray(x) @ vt.T
+  np.testing.assert_allclose(core, np.diag(np.diag(core)), atol=2e-3)
+  np.testing.assert_allclose(optim.newton_schulz(wide.T, steps=5), x.T, atol=1e-5)
+  np.testing.assert_allclose(optim.newton_schulz(100.0 * wide, steps=5), x, atol=1e-5)
+
+
+def _muon_config(**overrides):
+  config = _config(**overrides)
+  config.muon.enabled = True
+  config.muon.learning_rate = 0.5
+  config.muon.momentum = 0.6
+  return config
+
+
+def test_muon_labels_only_convolution_kernels():
+  labels = optim.param_labels(_params(), _muon_config(frozen=('whiten/kernel',)))
+  assert labels['conv']['kernel'] == 'muon'
+  assert labels['whiten']['kernel'] == 'frozen'  # frozen comes first
+  assert labels['linear']['kernel'] == 'default'  # 2-D: not a convolution
+  config = _muon_config()
+  config.muon.params = r'^conv/'
+  assert optim.param_labels(_params(), config)['whiten']['kernel'] == 'default'
+
+
+def test_muon_step_matches_airbench_rule():
+  # airbench94_muon: kernel <- kernel * sqrt(out) / |kernel| - lr * NS(g + m * buf), buf = g
+  # on the first step; everything else keeps its own group (SGD here).
+  config = _muon_config(learning_rate=0.1)
+  rng = np.random.default_rng(1)
+  params = _params()
+  params['conv']['kernel'] = jnp.asarray(rng.normal(size=(3, 3, 2, 2)), jnp.float32)
+  grads = jax.tree.map(jnp.ones_like, params)
+  grads['conv']['kernel'] = jnp.asarray(rng.normal(size=(3, 3, 2, 2)), jnp.float32)
+  tx = optim.create_optimizer(config)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  p, g = np.asarray(params['conv']['kernel']), np.asarray(grads['conv']['kernel'])
+  ortho = optim.newton_schulz(jnp.asarray((1 + 0.6) * g).reshape(18, 2), config.muon.ns_steps)
+  expected = p * np.sqrt(2) / np.linalg.norm(p) - 0.5 * np.asarray(ortho).reshape(p.shape)
+  np.testing.assert_allclose(new['conv']['kernel'], expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(updates['linear']['kernel'], -0.1)
+
+
+def test_muon_rate_follows_the_schedule():
+  config = _muon_config(schedule='triangle', learning_rate=2.0, num_epochs=10)
+  config.triangle.start, config.triangle.peak, config.triangle.end = 1.0, 0.0, 0.0
+  config.muon.renormalize = False
+  tx = optim.create_optimizer(config, steps_per_epoch=10)
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = tx.init(params)
+  sizes = []
+  for _ in range(51):
+    updates, state = tx.update(grads, state, params)
+    sizes.append(float(jnp.linalg.norm(updates['conv']['kernel'])))
+  # Constant gradients: the orthogonalized direction is the same every step, so the
+  # update's size is the rate, linear from 0.5 (muon.learning_rate) to 0 at step 100.
+  np.testing.assert_allclose(sizes[50] / sizes[0], 0.5, rtol=2e-2)
+  np.testing.assert_allclose(sizes[25] / sizes[0], 0.75, rtol=2e-2)
+
+
+def test_config_checks_muon_and_frozen_after_entries():
+  import pytest
+  from jaxres import config_lib
+  from jaxres.errors import UsageError
+  config = _muon_config()
+  config_lib.validate(config)
+  for field, value, words in (('ns_steps', 0, 'ns_steps'), ('momentum', 1.0, 'momentum'),
+                              ('params', '(', 'regex')):
+    bad = _muon_config()
+    bad.muon[field] = value
+    with pytest.raises(UsageError, match=words):
+      config_lib.validate(bad)
+  bad = _config(frozen_after=(('whiten/bias', 3, 0.0),))
+  with pytest.raises(UsageError, match='frozen_after'):
+    config_lib.validate(bad)
