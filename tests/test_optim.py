@@ -170,3 +170,20 @@ def test_config_checks_muon_and_frozen_after_entries():
   bad = _config(frozen_after=(('whiten/bias', 3, 0.0),))
   with pytest.raises(UsageError, match='frozen_after'):
     config_lib.validate(bad)
+
+
+def test_fast_recipe_groups():
+  from experiments import fast
+  from jaxres import config_lib
+  config = fast.get_config()
+  _, shapes = config_lib.param_count(config)
+  labels = optim.param_labels(shapes, config)
+  assert labels['whiten'] == {'kernel': 'frozen', 'bias': 'frozen_after_0'}
+  for group in ('group1', 'group2', 'group3'):
+    assert labels[group] == {'conv1': {'kernel': 'muon'}, 'conv2': {'kernel': 'muon'},
+                             'norm1': {'bias': 'bias'}, 'norm2': {'bias': 'bias'}}
+  assert labels['linear'] == {'kernel': 'default'}
+  # airbench94_muon's rates: biases at 0.053 / 0.67 of the head's summed-loss rate, which
+  # becomes 64x here with the head's 1/9 logit scale in place of 1/256.
+  np.testing.assert_allclose(config.bias_lr_scale, 0.053 / 0.67 * (256 / 9) ** 2, rtol=1e-12)
+  np.testing.assert_allclose(config.learning_rate * config.weight_decay, 2e-6 * config.batch_size)
