@@ -190,10 +190,11 @@ def train_steps_on_device(state: TrainState, data: dict, indices, epoch, *, mode
   fold_in(state.rng, s), so the randomness is a pure function of (seed, step).
   Returns (state, metrics stacked over the steps).
 
-  On the CPU the scan is unrolled: XLA's CPU backend runs convolutions inside a while
-  loop about 15x slower than the same convolutions outside one (measured here, smoke
-  model, batch 64: 2.9 s vs 0.18 s per step), while unrolled steps cost what separate
-  steps do. On accelerators the loop stays rolled (compile time does not grow with it).
+  On the CPU the scan is unrolled: XLA's CPU backend ran the convolutions of a step
+  inside a while loop many times slower than the same step outside one when we built
+  this, while unrolled steps cost what separate steps do (`python -m tools.bench` times
+  this function as "batch made on device"). On accelerators the loop stays rolled
+  (compile time does not grow with it).
   """
 
   def one_step(state, rows):
