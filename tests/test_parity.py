@@ -441,7 +441,7 @@ def test_side_by_side_refuses_a_state_that_pytorch_cannot_start_from(initial_sta
 
 
 @pytest.mark.parametrize('field, value', [('schedule', 'triangle'), ('bias_lr_scale', 64.0),
-                                          ('lookahead.enabled', True)])
+                                          ('lookahead.enabled', True), ('muon.enabled', True)])
 def test_compare_refuses_recipes_pytorch_does_not_mirror(field, value):
   config = _config()
   *parents, leaf = field.split('.')

@@ -66,7 +66,7 @@ def check_mirrored(config) -> None:
 
   The reference is the seed's: ModifiedResNet, Adam or SGD on every parameter alike, a
   learning rate that is constant within the compared steps (the plateau rule only acts
-  between epochs), no lookahead.
+  between epochs), no lookahead, no Muon.
   """
   if config.model.name != 'resnet':
     raise UsageError(f'config.model.name={config.model.name!r}: the PyTorch reference is the '
@@ -81,6 +81,8 @@ def check_mirrored(config) -> None:
                        f'parameter alike (set it to {neutral!r})')
   if config.get('lookahead') is not None and config.lookahead.get('enabled', False):
     raise UsageError('config.lookahead.enabled=True: the PyTorch reference has no lookahead')
+  if config.get('muon') is not None and config.muon.get('enabled', False):
+    raise UsageError('config.muon.enabled=True: the PyTorch reference has no Muon')
 
 
 def torch_optimizer(config, model) -> torch.optim.Optimizer:
