@@ -9,9 +9,8 @@
   for convolution kernels (config.muon; Jordan et al. 2024, as in airbench94_muon).
 """
 
-import math
-
 import functools
+import math
 import re
 
 import jax
