@@ -114,20 +114,15 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate=None,
   muon = config.get('muon')
 
   def make(learning_rate):
-    groups = {
-        'default': optax.chain(direction(weight_decay=config.weight_decay),
-                               optax.scale_by_learning_rate(learning_rate)),
-        'bias': optax.chain(direction(weight_decay=config.weight_decay / bias_scale),
-                            optax.scale_by_learning_rate(learning_rate * bias_scale)),
-        'frozen': optax.set_to_zero(),
-    }
+    def scaled(scale):
+      # The rate x scale and the decay coefficient / scale: the decay per step is unchanged.
+      return optax.chain(direction(weight_decay=config.weight_decay / scale),
+                         optax.scale_by_learning_rate(learning_rate * scale))
+
+    groups = {'default': scaled(1.0), 'bias': scaled(bias_scale), 'frozen': optax.set_to_zero()}
     for i, (_, epochs, *scale) in enumerate(frozen_after):
-      until = epochs * steps_per_epoch
-      scale = scale[0] if scale else 1.0
-      groups[f'frozen_after_{i}'] = optax.chain(
-          direction(weight_decay=config.weight_decay / scale),
-          optax.scale_by_learning_rate(learning_rate * scale),
-          _zero_from_step(until))
+      groups[f'frozen_after_{i}'] = optax.chain(scaled(scale[0] if scale else 1.0),
+                                                _zero_from_step(epochs * steps_per_epoch))
     if muon is not None and muon.enabled:
       # The schedule's factor of config.learning_rate, applied to Muon's own rate.
       groups['muon'] = optax.chain(
