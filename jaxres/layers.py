@@ -8,6 +8,7 @@ new batch (Flax's momentum is the weight of the old value). The BatchNorm here
 follows PyTorch, so converted checkpoints and training curves agree.
 """
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -88,10 +89,46 @@ def max_pool(x: jax.Array, size: int = 2) -> jax.Array:
   """Non-overlapping size x size max pooling of NHWC `x` (nn.max_pool(x, (size, size),
   (size, size)) with VALID padding: a remainder row or column is dropped).
 
-  A reshape and a max: its gradient is an elementwise select that XLA fuses with its
-  neighbours, where nn.max_pool's gradient is a select-and-scatter, a separate and (on
-  XLA's CPU backend) slow pass over the activations.
+  The maximum of the size^2 strided views of `x` (one elementwise pass), with a
+  hand-written gradient that is one elementwise pass too: the output gradient goes to
+  every input equal to its window's maximum. nn.max_pool's gradient is a
+  select-and-scatter, and jnp.max's (through a reshape) a reduction that counts the
+  ties; on XLA's CPU backend both are separate, slow passes over the activations.
+  Ties inside a window (measure zero for the conv outputs this pools) each receive the
+  full gradient, where nn.max_pool and PyTorch give it to one of them.
   """
+  return _max_pool(x, size)
+
+
+def _window_views(x: jax.Array, size: int) -> list:
   n, h, w, c = x.shape
-  x = x[:, :h - h % size, :w - w % size]
-  return x.reshape(n, h // size, size, w // size, size, c).max(axis=(2, 4))
+  ho, wo = h // size, w // size
+  return [jax.lax.slice(x, (0, i, j, 0), (n, i + size * (ho - 1) + 1, j + size * (wo - 1) + 1, c),
+                        (1, size, size, 1)) for i in range(size) for j in range(size)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x, size):
+  return functools.reduce(jnp.maximum, _window_views(x, size))
+
+
+def _max_pool_fwd(x, size):
+  y = _max_pool(x, size)
+  return y, (x, y)
+
+
+def _max_pool_bwd(size, res, g):
+  x, y = res
+  n, h, w, c = x.shape
+  ho, wo = y.shape[1:3]
+
+  def upsample(a):  # (n, ho, wo, c) -> (n, ho size, wo size, c), each value size x size times
+    a = jnp.broadcast_to(a[:, :, None, :, None, :], (n, ho, size, wo, size, c))
+    return a.reshape(n, ho * size, wo * size, c)
+
+  core = x[:, :ho * size, :wo * size]
+  dx = jnp.where(core == upsample(y), upsample(g), jnp.zeros((), g.dtype))
+  return (jnp.pad(dx, ((0, 0), (0, h - ho * size), (0, w - wo * size), (0, 0))),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

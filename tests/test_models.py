@@ -87,13 +87,20 @@ def test_torch_default_init_bounds(shape):
 
 # ---------------------------------------------------------------------------- fast recipe model
 
-def test_max_pool_equals_flax_max_pool_with_gradient():
+@pytest.mark.parametrize('size', [2, 3])
+def test_max_pool_equals_flax_max_pool_with_gradient(size):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 9, 3))  # odd sizes: remainders dropped
-  ours = layers.max_pool(x, 2)
-  np.testing.assert_array_equal(ours, nn.max_pool(x, (2, 2), (2, 2)))
+  ours = layers.max_pool(x, size)
+  np.testing.assert_array_equal(ours, nn.max_pool(x, (size, size), (size, size)))
   grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
-  np.testing.assert_allclose(grad(lambda x: layers.max_pool(x, 2)),
-                             grad(lambda x: nn.max_pool(x, (2, 2), (2, 2))), rtol=1e-6)
+  np.testing.assert_allclose(grad(lambda x: layers.max_pool(x, size)),
+                             grad(lambda x: nn.max_pool(x, (size, size), (size, size))), rtol=1e-6)
+
+
+def test_max_pool_gradient_goes_to_every_tied_maximum():
+  x = jnp.array([[1., 3.], [3., 0.]]).reshape(1, 2, 2, 1)
+  g = jax.grad(lambda x: jnp.sum(2 * layers.max_pool(x, 2)))(x)
+  np.testing.assert_array_equal(g.reshape(2, 2), [[0., 2.], [2., 0.]])
 
 
 def test_dirac_init_is_the_identity_on_the_first_channels():
