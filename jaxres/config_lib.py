@@ -80,6 +80,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(not d.alternating_flip or d.on_device,
            'config.data.alternating_flip needs config.data.on_device=True')
   _require(d.num_workers >= 0, 'config.data.num_workers must be >= 0')
+  _require(d.holdout >= 0, 'config.data.holdout must be >= 0')
 
 
 def param_count(config: ml_collections.ConfigDict) -> tuple[int, Any]:

@@ -97,6 +97,38 @@ def load(data: ml_collections.ConfigDict, seed: int = 0) -> tuple[Split, Split]:
   raise UsageError(f'unknown data.name {data.name!r} (choose cifar10, imagefolder or synthetic)')
 
 
+def hold_out(train: Split, num_images: int, seed: int) -> tuple[Split, Split]:
+  """(rest, held out): `num_images` training images chosen by a seeded permutation.
+
+  Both keep the training set's order; the choice depends on `seed` and the split's
+  size only, so it is the same on every host and in every run.
+  """
+  if not 0 < num_images < len(train):
+    raise UsageError(f'data.holdout={num_images} must be between 1 and {len(train) - 1} '
+                     f'(the training set has {len(train)} images)')
+  chosen = np.zeros(len(train), bool)
+  chosen[np.random.default_rng(seed).permutation(len(train))[:num_images]] = True
+
+  def take(mask):
+    return Split(train.images[mask], train.labels[mask], train.classes)
+
+  return take(~chosen), take(chosen)
+
+
+def evaluation_split(data: ml_collections.ConfigDict, train: Split, test: Split
+                     ) -> tuple[Split, Split, str]:
+  """(train, evaluation split, its name) for config.data.
+
+  With data.holdout > 0, that many training images are held out (hold_out) and evaluated
+  instead of the test set, which the run then never reads: the split to make choices
+  on (epochs, schedules) without looking at test accuracy. Otherwise the test set.
+  """
+  if data.holdout:
+    rest, held = hold_out(train, data.holdout, data.holdout_seed)
+    return rest, held, 'holdout'
+  return train, test, 'test'
+
+
 def _load_cifar10(root: str, download: bool) -> tuple[Split, Split]:
   import torchvision
   splits = []

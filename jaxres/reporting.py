@@ -10,10 +10,17 @@ from typing import Optional
 TIMING_KEYS = ('epoch_seconds', 'images_per_second', 'eval_seconds')
 
 
+def eval_name(record: dict) -> str:
+  """'Test', or 'Holdout' for a record whose test_* figures are on held-out training
+  images (config.data.holdout)."""
+  return record.get('eval_split', 'test').capitalize()
+
+
 def epoch_line(record: dict, num_epochs: int) -> str:
   """The seed's per-epoch report, plus learning rate, seconds and images/s."""
   r = record
-  test = (f"Test Loss: {r['test_loss']:.4f}, Test Acc: {r['test_accuracy']:.4f}, "
+  name = eval_name(r)
+  test = (f"{name} Loss: {r['test_loss']:.4f}, {name} Acc: {r['test_accuracy']:.4f}, "
           if 'test_loss' in r else '')
   return (f"Epoch [{r['epoch']}/{num_epochs}], Train Loss: {r['train_loss']:.4f}, "
           f"Train Acc: {r['train_accuracy']:.4f}, {test}LR: {r['learning_rate']:.2e}, "

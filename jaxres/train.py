@@ -163,7 +163,8 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
   num_devices = mesh.devices.size
   parallel.check_batch_size(config.batch_size, mesh)
   _check_resume(config, workdir)
-  train_split, test_split = input_pipeline.load(config.data, config.seed)
+  train_split, test_split, eval_split = input_pipeline.evaluation_split(
+      config.data, *input_pipeline.load(config.data, config.seed))
   if train_split.labels.max() >= config.model.num_classes:
     raise UsageError(f'the data has {len(train_split.classes)} classes but '
                      f'config.model.num_classes={config.model.num_classes}')
@@ -175,7 +176,8 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
   ckpts = checkpoints_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                       keep=config.checkpoint_keep)
   try:
-    return _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is_main)
+    return _train(config, workdir, mesh, num_params, train_split, test_split, eval_split,
+                  ckpts, is_main)
   except OSError as e:
     if checkpoints_lib.disk_full(e):
       raise UsageError(f'disk full while writing to {workdir} ({e.strerror}: {e.filename}); '
@@ -185,7 +187,8 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     ckpts.close()  # waits for a checkpoint still being written
 
 
-def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is_main):
+def _train(config, workdir, mesh, num_params, train_split, test_split, eval_split, ckpts,
+           is_main):
   num_devices = mesh.devices.size
   model = models.create_model(config, num_devices)
   feed = feeds.create(config, train_split, mesh)
@@ -221,7 +224,7 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is
                                          base_learning_rate=config.learning_rate))
 
   _log(f'jaxres: {num_params:,} trainable parameters (budget {config.param_budget:,}); '
-       f'{len(train_split)} train / {len(test_split)} test images; {num_devices} device(s) '
+       f'{len(train_split)} train / {len(test_split)} {eval_split} images; {num_devices} device(s) '
        f'({jax.devices()[0].platform}), {jax.process_count()} process(es)')
   last_plot = time.perf_counter()
   with _StopRequests() as stop:
@@ -239,6 +242,8 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is
       learning_rate = float(jax.device_get(optim.learning_rate(state.opt_state)))
       seconds = sums.pop('seconds')
       record = _epoch_record(epoch, sums, test_sums, learning_rate, seconds, sums['count'])
+      if evaluate_now and eval_split != 'test':
+        record['eval_split'] = eval_split
       if config.schedule == 'plateau':
         state = plateau_fn(state, record['test_loss'])
       ckpts.save(int(jax.device_get(state.step)), state, {'epoch': epoch, 'step_in_epoch': 0},
@@ -257,7 +262,8 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, ckpts, is
         raise Interrupted(signum)
   ckpts.wait()
   if records:
-    _log(f'Final Test Accuracy: {records[-1]["test_accuracy"]:.4f}')
+    _log(f'Final {reporting.eval_name(records[-1])} Accuracy: '
+         f'{records[-1]["test_accuracy"]:.4f}')
   return records
 
 

@@ -146,3 +146,29 @@ def test_cifar10_offline_gives_one_clear_error(tmp_path):
     input_pipeline.load(data)
   message = str(e.value)
   assert str(tmp_path / 'cifar') in message and 'imagefolder' in message and '\n' not in message
+
+
+def test_hold_out_is_a_seeded_disjoint_split_in_training_order():
+  train = input_pipeline.Split(np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1),
+                               np.arange(100) % 10, tuple('abcdefghij'))
+  rest, held = input_pipeline.hold_out(train, 30, seed=0)
+  assert (len(rest), len(held)) == (70, 30)
+  rest_ids, held_ids = rest.images.ravel(), held.images.ravel()
+  assert set(rest_ids).isdisjoint(held_ids) and len(set(rest_ids) | set(held_ids)) == 100
+  assert list(rest_ids) == sorted(rest_ids) and list(held_ids) == sorted(held_ids)
+  np.testing.assert_array_equal(held.labels, held_ids % 10)
+  again, _ = input_pipeline.hold_out(train, 30, seed=0)
+  other, _ = input_pipeline.hold_out(train, 30, seed=1)
+  np.testing.assert_array_equal(again.images, rest.images)
+  assert not np.array_equal(other.images, rest.images)
+  with pytest.raises(UsageError, match='data.holdout=100 must be between 1 and 99'):
+    input_pipeline.hold_out(train, 100, seed=0)
+
+
+def test_evaluation_split_is_the_test_set_unless_holdout(tmp_path):
+  config = smoke.get_config()
+  train, test = input_pipeline.load(config.data)
+  assert input_pipeline.evaluation_split(config.data, train, test) == (train, test, 'test')
+  config.data.holdout = 24
+  rest, held, name = input_pipeline.evaluation_split(config.data, train, test)
+  assert (len(rest), len(held), name) == (len(train) - 24, 24, 'holdout')
