@@ -63,10 +63,10 @@ class HostFeed:
       yield 1, (batch,)
 
   @staticmethod
-  def train_fn(model, tx, config, lookahead=None):
+  def train_fn(model, tx, config, lookahead=None, frozen=()):
     return jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                      label_smoothing=config.label_smoothing,
-                                     lookahead=lookahead),
+                                     lookahead=lookahead, frozen=frozen),
                    donate_argnums=0)
 
 
@@ -99,12 +99,12 @@ class DeviceFeed:
       yield len(chunk), (self.data, indices, jax.device_put(np.int32(epoch), self.replicated))
 
   @staticmethod
-  def train_fn(model, tx, config, lookahead=None):
+  def train_fn(model, tx, config, lookahead=None, frozen=()):
     return jax.jit(functools.partial(steps.train_steps_on_device, model=model, tx=tx,
                                      policy=config.data.augment,
                                      mean=tuple(config.data.mean), std=tuple(config.data.std),
                                      label_smoothing=config.label_smoothing,
-                                     lookahead=lookahead),
+                                     lookahead=lookahead, frozen=frozen),
                    donate_argnums=0)
 
 

@@ -12,6 +12,7 @@
 import functools
 import math
 import re
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ def param_labels(params, config: ml_collections.ConfigDict):
   muon_params = re.compile(muon.params) if muon is not None and muon.enabled else None
 
   def label(path, leaf):
-    keys = [str(getattr(k, 'key', k)) for k in path]
+    keys = path_keys(path)
     name = '/'.join(keys)
     if any(r.search(name) for r in frozen):
       return 'frozen'
@@ -69,6 +70,34 @@ def param_labels(params, config: ml_collections.ConfigDict):
     return 'default'
 
   return jax.tree_util.tree_map_with_path(label, params)
+
+
+def path_keys(path) -> list[str]:
+  """The keys of a pytree path (jax.tree_util), e.g. ['whiten', 'kernel']."""
+  return [str(getattr(k, 'key', k)) for k in path]
+
+
+def frozen_in_epoch(config: ml_collections.ConfigDict, epoch: int) -> tuple[str, ...]:
+  """Regexes of the parameters no optimizer step of `epoch` (1-based) changes:
+  config.frozen, and config.frozen_after entries whose epochs are over."""
+  return tuple(config.get('frozen', ())) + tuple(
+      entry[0] for entry in config.get('frozen_after', ()) if epoch > entry[1])
+
+
+def hold_constant(params, patterns: Sequence[str]):
+  """`params` with jax.lax.stop_gradient on every leaf whose path ('module/param')
+  matches a regex of `patterns`: no gradient is computed through them, so the backward
+  pass skips what only they need (the input gradient of the layer above a frozen
+  first layer)."""
+  if not patterns:
+    return params
+  regexes = [re.compile(p) for p in patterns]
+
+  def hold(path, leaf):
+    name = '/'.join(path_keys(path))
+    return jax.lax.stop_gradient(leaf) if any(r.search(name) for r in regexes) else leaf
+
+  return jax.tree_util.tree_map_with_path(hold, params)
 
 
 def _siblings(params, module_path):

@@ -5,7 +5,7 @@ devices or hosts reduce by addition; divide at the end.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,13 +34,19 @@ def _sums(logits, labels, losses, mask=None):
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                tx: optax.GradientTransformation, label_smoothing: float = 0.0,
-               lookahead=None):
+               lookahead=None, frozen: Sequence[str] = ()):
   """One optimizer step on `batch` {'image': NHWC float, 'label': int}.
 
   `lookahead` (a Lookahead) pulls the weights towards their slow copy after the update.
+  `frozen` (regexes of parameter paths, optim.frozen_in_epoch) are held constant in the
+  loss: their gradients are zeros, and what only they need is not computed. It must
+  name only parameters the optimizer leaves unchanged at this step; then parameters and
+  statistics come out as without it (only the optimizer's momentum of those parameters,
+  which no later step uses, stops accumulating gradients).
   """
 
   def loss_fn(params):
+    params = optim.hold_constant(params, frozen)
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
                                   batch['image'], train=True, mutable=['batch_stats'])
     losses = cross_entropy(logits, batch['label'], label_smoothing)
@@ -183,7 +189,8 @@ def device_batch(data: dict, indices, key, epoch, *, policy: str, mean, std) -> 
 
 def train_steps_on_device(state: TrainState, data: dict, indices, epoch, *, model: nn.Module,
                           tx: optax.GradientTransformation, policy: str, mean, std,
-                          label_smoothing: float = 0.0, lookahead=None):
+                          label_smoothing: float = 0.0, lookahead=None,
+                          frozen: Sequence[str] = ()):
   """len(indices) optimizer steps in one dispatch (lax.scan), batches made on the device.
 
   `indices` is (steps, batch) rows of `data`; step s augments with
@@ -201,6 +208,6 @@ def train_steps_on_device(state: TrainState, data: dict, indices, epoch, *, mode
     key = jax.random.fold_in(state.rng, state.step)
     batch = device_batch(data, rows, key, epoch, policy=policy, mean=mean, std=std)
     return train_step(state, batch, model=model, tx=tx, label_smoothing=label_smoothing,
-                      lookahead=lookahead)
+                      lookahead=lookahead, frozen=frozen)
 
   return jax.lax.scan(one_step, state, indices, unroll=jax.default_backend() == 'cpu')

@@ -215,7 +215,16 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, eval_spli
   if steps_log:
     steps_log.keep_while(lambda r: r['step'] <= int(jax.device_get(state.step)))
 
-  train_fn = feed.train_fn(model, tx, config, lookahead)
+  # One compiled step per set of frozen parameters (optim.frozen_in_epoch): a parameter
+  # that config.frozen_after freezes stops costing its backward pass in later epochs.
+  train_fns = {}
+
+  def train_fn_for(epoch):
+    frozen = optim.frozen_in_epoch(config, epoch)
+    if frozen not in train_fns:
+      train_fns[frozen] = feed.train_fn(model, tx, config, lookahead, frozen)
+    return train_fns[frozen]
+
   sync_fn = jax.jit(lookahead.sync, donate_argnums=0) if lookahead else None
   eval_loader = input_pipeline.eval_loader(test_split, config, jax.process_index(),
                                            jax.process_count(), num_devices)
@@ -231,7 +240,7 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, eval_spli
     for epoch in range(start_epoch, config.num_epochs + 1):
       resumed = epoch == start_epoch
       state, sums = _train_epoch(state, dict(partial_sums) if resumed else {}, epoch,
-                                 start_step if resumed else 0, train_fn, feed, ckpts, config,
+                                 start_step if resumed else 0, train_fn_for(epoch), feed, ckpts, config,
                                  stop, steps_log)
       if sync_fn:
         state = sync_fn(state)

@@ -38,10 +38,11 @@ def test_aggregate_sums_per_step_and_skips_runtime_spans():
 
 def test_profile_step_on_the_smoke_model(run_cli):
   proc = run_cli('tools.profile_step', '--config', 'experiments/smoke.py', '--batch_size', '8',
+                 '--epoch', '2',
                  '--steps', '1', '--top', '3', '--json')
   assert proc.returncode == 0, proc.stderr
   r = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert r['step_ms'] > 0 and r['ops_ms'] > 0 and len(r['top_ops']) == 3
+  assert r['step_ms'] > 0 and r['ops_ms'] > 0 and len(r['top_ops']) == 3 and r['epoch'] == 2
   layers = r['by_layer_ms']
   assert any(k.endswith(' fwd') for k in layers) and any(k.endswith(' bwd') for k in layers)
   assert 'update' in layers

@@ -107,6 +107,7 @@ def bench_jax_step(config, batch_size: int, num_steps: int) -> dict:
   batch = jax.device_put({'image': input_pipeline.normalize(images, d.mean, d.std),
                           'label': labels})
   step_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                      frozen=optim.frozen_in_epoch(config, 1),
                                       label_smoothing=config.label_smoothing), donate_argnums=0)
   holder = {'state': state}
 
@@ -125,7 +126,8 @@ def bench_jax_step(config, batch_size: int, num_steps: int) -> dict:
   indices = jax.device_put(np.arange(batch_size, dtype=np.int32)[None])
   device_fn = jax.jit(functools.partial(
       steps.train_steps_on_device, model=model, tx=tx, policy=d.augment,
-      mean=tuple(d.mean), std=tuple(d.std), label_smoothing=config.label_smoothing),
+      mean=tuple(d.mean), std=tuple(d.std), label_smoothing=config.label_smoothing,
+      frozen=optim.frozen_in_epoch(config, 1)),
       donate_argnums=0)
   epoch = jax.device_put(np.int32(1))
 

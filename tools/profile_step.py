@@ -1,9 +1,12 @@
 """Where a config's train step spends its time, op by op, from a jax.profiler trace.
 
     python -m tools.profile_step [--config experiments/fast.py] [--batch_size 1024]
-                                 [--steps 2] [--top 15] [--json] [--config.FIELD=VALUE ...]
+                                 [--epoch 1] [--steps 2] [--top 15] [--json]
+                                 [--config.FIELD=VALUE ...]
 
-It compiles the config's train step (random images, as tools.bench), runs it twice to
+It compiles the config's train step as jaxres.train runs it in epoch `--epoch` (the
+parameters config.frozen and config.frozen_after hold constant then cost no gradient;
+random images, as tools.bench), runs it twice to
 warm up, traces `--steps` more steps with jax.profiler, and prints:
 
 - the step's wall time (median of the traced steps) and the summed time of its ops;
@@ -36,7 +39,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from jaxres import cli, config_lib, host_allocator, input_pipeline, steps
+from jaxres import cli, config_lib, host_allocator, input_pipeline, optim, steps
 from jaxres.errors import UsageError
 from tools import bench
 
@@ -102,14 +105,16 @@ def _trace_events(trace_dir: str) -> list:
   return trace['traceEvents'] if isinstance(trace, dict) else trace
 
 
-def profile(config, batch_size: int, num_steps: int, top: int) -> dict:
-  """Trace `num_steps` train steps of `config` at `batch_size`; see the module docstring."""
+def profile(config, batch_size: int, num_steps: int, top: int, epoch: int = 1) -> dict:
+  """Trace `num_steps` train steps of `config` at `batch_size` as in `epoch`; see the
+  module docstring."""
   model, tx, state = bench._setup(config, steps_per_epoch=100)
   d = config.data
   images = bench._random_images(batch_size, d.image_size)
   batch = jax.device_put({'image': input_pipeline.normalize(images, d.mean, d.std),
                           'label': bench._random_labels(batch_size, config.model.num_classes)})
   step_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                      frozen=optim.frozen_in_epoch(config, epoch),
                                       label_smoothing=config.label_smoothing), donate_argnums=0)
   names = op_names(step_fn.lower(state, batch).compile().as_text())
   for _ in range(2):
@@ -127,14 +132,16 @@ def profile(config, batch_size: int, num_steps: int, top: int) -> dict:
     finally:
       jax.profiler.stop_trace()
     events = _trace_events(trace_dir)
-  result = {'device': bench._device_name(), 'batch_size': batch_size, 'steps': num_steps,
+  result = {'device': bench._device_name(), 'batch_size': batch_size, 'epoch': epoch,
+            'steps': num_steps,
             'step_ms': 1e3 * float(np.median(seconds))}
   result.update(aggregate(events, names, num_steps, top))
   return result
 
 
 def format_report(r: dict) -> str:
-  lines = [f"device      {r['device']}, batch {r['batch_size']}, {r['steps']} traced steps",
+  lines = [f"device      {r['device']}, batch {r['batch_size']}, the step of epoch "
+           f"{r['epoch']}, {r['steps']} traced steps",
            f"step        {r['step_ms']:.0f} ms wall (median); ops {r['ops_ms']:.0f} ms, "
            f"unmatched {r['unmatched_ms']:.0f} ms (per step)", '', 'by layer (ms per step)']
   lines += [f'  {ms:8.1f}  {name}' for name, ms in r['by_layer_ms'].items()]
@@ -151,6 +158,8 @@ def command():
       'config', 'experiments/fast.py', 'Config file (get_config()); fields overridable.')
   batch_flag = flags.DEFINE_integer('batch_size', None, 'Images per step (default: the '
                                     "config's batch_size).")
+  epoch_flag = flags.DEFINE_integer('epoch', 1, 'Profile the step of this epoch (which '
+                                    'parameters are frozen).')
   steps_flag = flags.DEFINE_integer('steps', 2, 'Traced steps.')
   top_flag = flags.DEFINE_integer('top', 15, 'Single ops listed.')
   json_flag = flags.DEFINE_bool('json', False, 'Print one JSON object instead of the report.')
@@ -160,13 +169,14 @@ def command():
       raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     config = cli.config_value(config_flag)
     batch_size = batch_flag.value or config.batch_size
-    for name, value in (('--batch_size', batch_size), ('--steps', steps_flag.value),
+    for name, value in (('--batch_size', batch_size), ('--epoch', epoch_flag.value),
+                        ('--steps', steps_flag.value),
                         ('--top', top_flag.value)):
       if value <= 0:
         raise UsageError(f'{name} must be positive, got {value}')
     config_lib.validate(config)
     host_allocator.apply(config.host_allocator)  # as jaxres.train does
-    result = profile(config, batch_size, steps_flag.value, top_flag.value)
+    result = profile(config, batch_size, steps_flag.value, top_flag.value, epoch_flag.value)
     print(json.dumps(result) if json_flag.value else format_report(result))
 
   return main
