@@ -109,12 +109,17 @@ def _check_resume(config, workdir: str) -> None:
                      f'--config.allow_config_change=True to resume anyway')
 
 
-def _epoch_record(epoch, train_sums, test_sums, learning_rate, seconds, images) -> dict:
-  """One line of metrics.jsonl; test_sums is None for an epoch without evaluation."""
+def _epoch_record(epoch, train_sums, test_sums, learning_rate, seconds, images,
+                  split_name='test') -> dict:
+  """One line of metrics.jsonl; test_sums is None for an epoch without evaluation.
+  Evaluated on another split than the test set (split_name 'holdout'), the test_*
+  figures are that split's and the record says so in 'eval_split'."""
   record = {'epoch': epoch}
   record.update(steps.summarize(train_sums, 'train'))
   if test_sums is not None:
     record.update(steps.summarize(test_sums, 'test'))
+    if split_name != 'test':
+      record['eval_split'] = split_name
   record['learning_rate'] = float(learning_rate)
   record['epoch_seconds'] = round(seconds, 3)
   record['images_per_second'] = round(images / max(seconds, 1e-9), 1)
@@ -163,7 +168,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
   num_devices = mesh.devices.size
   parallel.check_batch_size(config.batch_size, mesh)
   _check_resume(config, workdir)
-  train_split, test_split, eval_split = input_pipeline.evaluation_split(
+  train_split, eval_split, split_name = input_pipeline.evaluation_split(
       config.data, *input_pipeline.load(config.data, config.seed))
   if train_split.labels.max() >= config.model.num_classes:
     raise UsageError(f'the data has {len(train_split.classes)} classes but '
@@ -176,7 +181,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
   ckpts = checkpoints_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                       keep=config.checkpoint_keep)
   try:
-    return _train(config, workdir, mesh, num_params, train_split, test_split, eval_split,
+    return _train(config, workdir, mesh, num_params, train_split, eval_split, split_name,
                   ckpts, is_main)
   except OSError as e:
     if checkpoints_lib.disk_full(e):
@@ -187,7 +192,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     ckpts.close()  # waits for a checkpoint still being written
 
 
-def _train(config, workdir, mesh, num_params, train_split, test_split, eval_split, ckpts,
+def _train(config, workdir, mesh, num_params, train_split, eval_split, split_name, ckpts,
            is_main):
   num_devices = mesh.devices.size
   model = models.create_model(config, num_devices)
@@ -226,22 +231,23 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, eval_spli
     return train_fns[frozen]
 
   sync_fn = jax.jit(lookahead.sync, donate_argnums=0) if lookahead else None
-  eval_loader = input_pipeline.eval_loader(test_split, config, jax.process_index(),
+  eval_loader = input_pipeline.eval_loader(eval_split, config, jax.process_index(),
                                            jax.process_count(), num_devices)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, tta=config.eval_tta))
   plateau_fn = jax.jit(functools.partial(steps.plateau_step, plateau=plateau,
                                          base_learning_rate=config.learning_rate))
 
   _log(f'jaxres: {num_params:,} trainable parameters (budget {config.param_budget:,}); '
-       f'{len(train_split)} train / {len(test_split)} {eval_split} images; {num_devices} device(s) '
+       f'{len(train_split)} train / {len(eval_split)} {split_name} images; '
+       f'{num_devices} device(s) '
        f'({jax.devices()[0].platform}), {jax.process_count()} process(es)')
   last_plot = time.perf_counter()
   with _StopRequests() as stop:
     for epoch in range(start_epoch, config.num_epochs + 1):
       resumed = epoch == start_epoch
       state, sums = _train_epoch(state, dict(partial_sums) if resumed else {}, epoch,
-                                 start_step if resumed else 0, train_fn_for(epoch), feed, ckpts, config,
-                                 stop, steps_log)
+                                 start_step if resumed else 0, train_fn_for(epoch), feed,
+                                 ckpts, config, stop, steps_log)
       if sync_fn:
         state = sync_fn(state)
       t_eval = time.perf_counter()
@@ -250,9 +256,8 @@ def _train(config, workdir, mesh, num_params, train_split, test_split, eval_spli
                    if evaluate_now else None)
       learning_rate = float(jax.device_get(optim.learning_rate(state.opt_state)))
       seconds = sums.pop('seconds')
-      record = _epoch_record(epoch, sums, test_sums, learning_rate, seconds, sums['count'])
-      if evaluate_now and eval_split != 'test':
-        record['eval_split'] = eval_split
+      record = _epoch_record(epoch, sums, test_sums, learning_rate, seconds, sums['count'],
+                             split_name)
       if config.schedule == 'plateau':
         state = plateau_fn(state, record['test_loss'])
       ckpts.save(int(jax.device_get(state.step)), state, {'epoch': epoch, 'step_in_epoch': 0},

@@ -126,7 +126,8 @@ def test_holding_frozen_parameters_constant_changes_no_step():
 
 
 def test_hold_constant_stops_gradients_by_path():
-  params = {'whiten': {'kernel': jnp.ones(3), 'bias': jnp.ones(3)}, 'linear': {'kernel': jnp.ones(3)}}
+  params = {'whiten': {'kernel': jnp.ones(3), 'bias': jnp.ones(3)},
+            'linear': {'kernel': jnp.ones(3)}}
 
   def loss(p):
     p = optim.hold_constant(p, ('^whiten/',))
