@@ -69,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.sync_batch_stats = True  # BatchNorm over the global batch on many devices
   config.model.conv_impl = 'auto'  # convolution formulation: auto picks by backend
   config.model.winograd_tile = 4  # m of Winograd F(m x m, 3 x 3) when conv_impl is winograd
+  # Winograd transforms: auto = jaxres.native's compiled loops where they apply, else XLA's
+  config.model.winograd_transforms = 'auto'
   # whitened_resnet only (experiments/fast.py)
   config.model.whiten_kernel = 2
   config.model.whiten_images = 5000  # training images whose patches are whitened

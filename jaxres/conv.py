@@ -28,6 +28,10 @@ in float32, against 1e-6 for m = 2). The backward pass stays in the Winograd dom
 such as a 2x2 whitening layer on RGB): im2col (k^2 strided slices side by side, one
 matmul).
 
+The four transforms are XLA ops, or with winograd_transforms='native' the loops of
+jaxres/native/winograd.cc (F(4x4, 3x3) in float32 on CPU; about twice as fast), called
+through XLA's FFI; 'auto' picks them where they apply and build (resolve_transforms).
+
 Anything else (dilation, groups, other layouts) goes to lax.conv_general_dilated.
 Layouts are NHWC activations and HWIO kernels, as flax.linen.Conv, so parameter trees
 are shared unchanged with XLA's convolution (`conv_general_dilated(impl)` below is a
@@ -43,6 +47,7 @@ import numpy as np
 from jax import lax
 
 IMPLS = ('auto', 'xla', 'winograd')
+TRANSFORMS = ('auto', 'xla', 'native')
 # Stride-1 convolutions other than 3x3 go to im2col when a patch has at most this many
 # entries (k * k * in_channels): a 2x2 whitening layer on RGB has 12.
 IM2COL_MAX_DEPTH = 64
@@ -238,31 +243,46 @@ def _bmm(a, b, contract_a: int, contract_b: int, precision=None):
                          precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _transform_fns(m: int, native: bool):
+  """(input, input adjoint, output, output adjoint) transforms: XLA's or jaxres.native's."""
+  if native:
+    from jaxres import native as native_lib
+    return (native_lib.input_transform, native_lib.input_transform_adjoint,
+            native_lib.output_transform, native_lib.output_transform_adjoint)
+  return (lambda x: input_transform(x, m),
+          lambda v, shape: input_transform_adjoint(v, shape, m),
+          lambda prod, shape: output_transform(prod, shape, m),
+          lambda dy: output_transform_adjoint(dy, m))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array, m: int = 4,
-                     precision=None) -> jax.Array:
+                     precision=None, native: bool = False) -> jax.Array:
   """3x3 convolution, stride 1, padding 1 (NHWC x HWIO -> NHWC) by Winograd F(m x m, 3 x 3).
 
   Equals lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
   dimension_numbers=('NHWC', 'HWIO', 'NHWC')) up to floating-point rounding, which
   grows with m (the transforms' coefficients grow). Gradients: see the module
   docstring; three batches of alpha^2 matmuls in all, each the size of the forward's.
+  `native`: the data transforms of jaxres.native (m = 4, float32, CPU) instead of XLA's.
   """
-  return _winograd_fwd(x, kernel, m, precision)[0]
+  return _winograd_fwd(x, kernel, m, precision, native)[0]
 
 
-def _winograd_fwd(x, kernel, m, precision):
+def _winograd_fwd(x, kernel, m, precision, native):
   n, h, w, _ = x.shape
-  v = input_transform(x, m)
+  to_v, _, from_m, _ = _transform_fns(m, native)
+  v = to_v(x)
   u = filter_transform(kernel.astype(x.dtype), m)
-  y = output_transform(_bmm(v, u, 2, 1, precision), (n, h, w), m)
+  y = from_m(_bmm(v, u, 2, 1, precision), (n, h, w))
   return y, (v, u, kernel)
 
 
-def _winograd_bwd(m, precision, res, dy):
+def _winograd_bwd(m, precision, native, res, dy):
   v, u, kernel = res
-  dm = output_transform_adjoint(dy, m)
-  dx = input_transform_adjoint(_bmm(dm, u, 2, 2, precision), dy.shape[:3] + v.shape[-1:], m)
+  _, from_v, _, to_m = _transform_fns(m, native)
+  dm = to_m(dy)
+  dx = from_v(_bmm(dm, u, 2, 2, precision), dy.shape[:3] + v.shape[-1:])
   du = _bmm(v, dm, 1, 1, precision)
   _, filter_vjp = jax.vjp(lambda k: filter_transform(k, m), kernel.astype(du.dtype))
   (dk,) = filter_vjp(du)
@@ -306,7 +326,7 @@ _NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 
 
 def _formulation(rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,
                  dimension_numbers, feature_group_count, batch_group_count,
-                 preferred_element_type, winograd_tile):
+                 preferred_element_type, winograd_tile, native):
   """The matmul formulation for a conv_general_dilated call, or None for XLA's conv."""
   dn = lax.conv_dimension_numbers((1, 1, 1, 1), rhs_shape, dimension_numbers)
   plain = (dn == _NHWC_HWIO and feature_group_count == 1 and batch_group_count == 1
@@ -323,7 +343,7 @@ def _formulation(rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,
   if pads is None:
     return None
   if kernel_size == (3, 3) and pads == ((1, 1), (1, 1)) and stride == 1:
-    return lambda x, k, precision: winograd_conv3x3(x, k, winograd_tile, precision)
+    return lambda x, k, precision: winograd_conv3x3(x, k, winograd_tile, precision, native)
   if kernel_size == (1, 1) and pads == ((0, 0), (0, 0)):
     return functools.partial(strided_conv1x1, stride=stride)
   if ((kernel_size == (3, 3) and stride > 1)
@@ -347,26 +367,57 @@ def resolve(impl: str, backend: Optional[str] = None, dtype=jnp.float32) -> str:
   return 'winograd' if backend == 'cpu' and jnp.dtype(dtype) == jnp.float32 else 'xla'
 
 
-def conv_general_dilated(impl: str, winograd_tile: int = 4, dtype=jnp.float32):
+def resolve_transforms(transforms: str, winograd_tile: int = 4, dtype=jnp.float32,
+                       backend: Optional[str] = None) -> bool:
+  """Whether `transforms` means jaxres.native's Winograd transforms (True) or XLA's.
+
+  'native' where they cannot apply (tile other than 4, not float32, not CPU, more than
+  one device: XLA cannot split a custom call across devices) or cannot be built raises
+  ValueError with the reason; 'auto' is native exactly where 'native' would work.
+  """
+  if transforms not in TRANSFORMS:
+    raise ValueError(f'unknown winograd_transforms {transforms!r} (choose {", ".join(TRANSFORMS)})')
+  if transforms == 'xla':
+    return False
+  backend = backend or jax.default_backend()
+  reason = (f'winograd_tile={winograd_tile} (native transforms are F(4x4, 3x3))'
+            if winograd_tile != 4 else
+            f'dtype {jnp.dtype(dtype).name} (native transforms are float32)'
+            if jnp.dtype(dtype) != jnp.float32 else
+            f'backend {backend} (native transforms run on CPU)' if backend != 'cpu' else
+            f'{jax.device_count()} devices (native transforms run on one)'
+            if jax.device_count() != 1 else None)
+  if reason is None:
+    from jaxres import native as native_lib
+    reason = native_lib.unavailable_reason()
+  if reason is not None and transforms == 'native':
+    raise ValueError(f"winograd_transforms='native' cannot be used: {reason}")
+  return reason is None
+
+
+def conv_general_dilated(impl: str, winograd_tile: int = 4, dtype=jnp.float32,
+                         winograd_transforms: str = 'xla'):
   """A drop-in for lax.conv_general_dilated (flax.linen.Conv's `conv_general_dilated`).
 
   impl 'xla' is lax.conv_general_dilated itself; 'winograd' routes 3x3 stride-1
   padding-1 convolutions to winograd_conv3x3 (tile m = winograd_tile), unpadded 1x1
   ones to strided_conv1x1, strided or small-patch ones to im2col_conv, and any other
   convolution to lax.conv_general_dilated. 'auto' is resolved here, for the
-  current default backend and the model's compute `dtype` (resolve()).
+  current default backend and the model's compute `dtype` (resolve()); so is
+  `winograd_transforms`, the Winograd transforms' implementation (resolve_transforms()).
   """
   impl = resolve(impl, dtype=dtype)
   if impl == 'xla':
     return lax.conv_general_dilated
   transforms(winograd_tile)  # validates the tile size early
+  native = resolve_transforms(winograd_transforms, winograd_tile, dtype)
 
   def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
            dimension_numbers=None, feature_group_count=1, batch_group_count=1,
            precision=None, preferred_element_type=None):
     formulation = _formulation(rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
                                dimension_numbers, feature_group_count, batch_group_count,
-                               preferred_element_type, winograd_tile)
+                               preferred_element_type, winograd_tile, native)
     if formulation is not None:
       return formulation(lhs, rhs, precision=precision)
     return lax.conv_general_dilated(

@@ -38,6 +38,12 @@ class BasicBlock(nn.Module):
     return nn.relu(y + x)
 
 
+def _conv_general_dilated(module: nn.Module):
+  """The convolution a model's conv_impl, winograd_tile, dtype, winograd_transforms pick."""
+  return conv_lib.conv_general_dilated(module.conv_impl, module.winograd_tile, module.dtype,
+                                       module.winograd_transforms)
+
+
 class ResNet(nn.Module):
   """CIFAR ResNet of BasicBlocks: stem conv, len(widths) stages, global pool, linear.
 
@@ -53,13 +59,13 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = 'xla'  # 'xla', 'winograd' or 'auto' (jaxres.conv.resolve)
   winograd_tile: int = 4  # m of Winograd F(m x m, 3 x 3): 4 (fewer multiplies) or 2
+  winograd_transforms: str = 'xla'  # 'xla', 'native' or 'auto' (conv.resolve_transforms)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              kernel_init=layers.torch_kernel_init,
-                             conv_general_dilated=conv_lib.conv_general_dilated(
-                                 self.conv_impl, self.winograd_tile, self.dtype))
+                             conv_general_dilated=_conv_general_dilated(self))
     norm = functools.partial(layers.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              num_groups=self.bn_groups if train else 1, dtype=self.dtype)
@@ -133,13 +139,13 @@ class WhitenedResNet(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = 'xla'  # as ResNet.conv_impl
   winograd_tile: int = 4
+  winograd_transforms: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              kernel_init=dirac_kernel_init(),
-                             conv_general_dilated=conv_lib.conv_general_dilated(
-                                 self.conv_impl, self.winograd_tile, self.dtype))
+                             conv_general_dilated=_conv_general_dilated(self))
     norm = functools.partial(layers.BatchNorm, use_running_average=not train, use_scale=False,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              num_groups=self.bn_groups if train else 1, dtype=self.dtype)
@@ -147,8 +153,7 @@ class WhitenedResNet(nn.Module):
     x = x.astype(self.dtype)
     k = self.whiten_kernel
     x = nn.Conv(whitening_width(k), (k, k), padding='VALID', use_bias=True, dtype=self.dtype,
-                conv_general_dilated=conv_lib.conv_general_dilated(
-                    self.conv_impl, self.winograd_tile, self.dtype), name='whiten')(x)
+                conv_general_dilated=_conv_general_dilated(self), name='whiten')(x)
     x = act(x)
     for i, features in enumerate(self.widths):
       x = ConvGroup(features, conv, norm, act, self.residual, name=f'group{i + 1}')(x)
@@ -192,7 +197,8 @@ def create_model(config: ml_collections.ConfigDict, num_devices: int = 1) -> nn.
         widths=tuple(m.widths), whiten_kernel=m.whiten_kernel, num_classes=m.num_classes,
         bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, bn_groups=groups,
         logit_scale=m.logit_scale, residual=m.residual, dtype=jnp.dtype(config.dtype),
-        conv_impl=m.conv_impl, winograd_tile=m.winograd_tile)
+        conv_impl=m.conv_impl, winograd_tile=m.winograd_tile,
+        winograd_transforms=m.winograd_transforms)
   if m.name != 'resnet':
     raise ValueError(f'unknown model.name {m.name!r}')
   return ResNet(
@@ -200,7 +206,8 @@ def create_model(config: ml_collections.ConfigDict, num_devices: int = 1) -> nn.
       bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
       bn_groups=groups,
       dtype=jnp.dtype(config.dtype),
-      conv_impl=m.conv_impl, winograd_tile=m.winograd_tile)
+      conv_impl=m.conv_impl, winograd_tile=m.winograd_tile,
+      winograd_transforms=m.winograd_transforms)
 
 
 def data_init(config: ml_collections.ConfigDict, train_split) -> dict:

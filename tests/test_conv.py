@@ -77,9 +77,9 @@ def test_unsupported_convolutions_fall_back_to_xla():
   np.testing.assert_allclose(fast(x, w, (1, 1), ((2, 2), (2, 2)), dimension_numbers=DN),
                              lax.conv_general_dilated(x, w, (1, 1), ((2, 2), (2, 2)),
                                                       dimension_numbers=DN), rtol=1e-6)
-  assert conv._formulation(w.shape, (1, 1), 'SAME', None, None, DN, 1, 1, None, 4) is None
+  assert conv._formulation(w.shape, (1, 1), 'SAME', None, None, DN, 1, 1, None, 4, False) is None
   assert conv._formulation(w.shape, (1, 1), ((1, 1), (1, 1)), None, (2, 2), DN, 1, 1,
-                           None, 4) is None
+                           None, 4, False) is None
 
 
 def test_resolve_picks_winograd_only_for_float32_on_cpu():

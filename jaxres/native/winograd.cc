@@ -1,0 +1,294 @@
+// Winograd F(4x4, 3x3) transforms for XLA:CPU, as XLA FFI custom calls (jaxres.native).
+//
+// The four data transforms of jaxres.conv.winograd_conv3x3 with m = 4, alpha = 6, in the
+// layouts of jaxres/conv.py: activations NHWC, Winograd-domain tensors (36, P, C) with
+// P = N * TH * TW tiles (tile (t, s) of image n is p = (n * TH + t) * TW + s, TH =
+// ceil(H / 4)) and coordinate (a, b) at index 6 a + b (a along H, b along W).
+//
+//   input_transform            x (N, H, W, C)  -> V (36, P, C)   V = B^T d B
+//   input_transform_adjoint    dV (36, P, C)   -> dx (N, H, W, C) overlap-add of B dV B^T
+//   output_transform           M (36, P, K)    -> y (N, H, W, K)  Y = A^T M A
+//   output_transform_adjoint   dy (N, H, W, K) -> dM (36, P, K)   dM = A dY A^T
+//
+// Input tile (t, s) covers pixels 4t-1 .. 4t+4 by 4s-1 .. 4s+4 (padding 1; pixels outside
+// the image are zeros); output tile (t, s) is pixels 4t .. 4t+3 by 4s .. 4s+3, cropped to
+// H x W. XLA's own fusions of the same transforms (jaxres/conv.py) are memory-bound
+// passes that reach about half this code's bandwidth on a 2-core CPU: here each tile
+// is transformed in one pass over channel blocks, on `threads` threads.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int KB = 64;  // channels per block: a tile's 36 x KB floats stay in L1
+
+// Rows of B^T (6 x 6) applied to six vectors d0..d5 (length n), written to out[0..5].
+inline void bt6(const float* d0, const float* d1, const float* d2, const float* d3,
+                const float* d4, const float* d5, float (*out)[KB], int n) {
+  for (int k = 0; k < n; ++k) {
+    const float a = d4[k] - 4.f * d2[k], b = d3[k] - 4.f * d1[k];
+    const float c = d4[k] - d2[k], e = 2.f * (d3[k] - d1[k]);
+    out[0][k] = 4.f * d0[k] - 5.f * d2[k] + d4[k];
+    out[1][k] = a + b;
+    out[2][k] = a - b;
+    out[3][k] = c + e;
+    out[4][k] = c - e;
+    out[5][k] = 4.f * d1[k] - 5.f * d3[k] + d5[k];
+  }
+}
+
+// B (6 x 6) applied to six vectors v0..v5: out[r] = sum_a BT[a][r] v_a, r = 0..5.
+inline void b6(const float* v0, const float* v1, const float* v2, const float* v3,
+               const float* v4, const float* v5, float (*out)[KB], int n) {
+  for (int k = 0; k < n; ++k) {
+    out[0][k] = 4.f * v0[k];
+    out[1][k] = -4.f * v1[k] + 4.f * v2[k] - 2.f * v3[k] + 2.f * v4[k] + 4.f * v5[k];
+    out[2][k] = -5.f * v0[k] - 4.f * v1[k] - 4.f * v2[k] - v3[k] - v4[k];
+    out[3][k] = v1[k] - v2[k] + 2.f * v3[k] - 2.f * v4[k] - 5.f * v5[k];
+    out[4][k] = v0[k] + v1[k] + v2[k] + v3[k] + v4[k];
+    out[5][k] = v5[k];
+  }
+}
+
+// Rows of A^T (4 x 6) applied to six vectors m0..m5: out[0..3].
+inline void at4(const float* m0, const float* m1, const float* m2, const float* m3,
+                const float* m4, const float* m5, float (*out)[KB], int n) {
+  for (int k = 0; k < n; ++k) {
+    const float s12 = m1[k] + m2[k], d12 = m1[k] - m2[k];
+    const float s34 = m3[k] + m4[k], d34 = m3[k] - m4[k];
+    out[0][k] = m0[k] + s12 + s34;
+    out[1][k] = d12 + 2.f * d34;
+    out[2][k] = s12 + 4.f * s34;
+    out[3][k] = d12 + 8.f * d34 + m5[k];
+  }
+}
+
+// A (6 x 4) applied to four vectors y0..y3: out[a] = sum_i AT[i][a] y_i, a = 0..5.
+inline void a6(const float* y0, const float* y1, const float* y2, const float* y3,
+               float (*out)[KB], int n) {
+  for (int k = 0; k < n; ++k) {
+    const float s02 = y0[k] + y2[k], s13 = y1[k] + y3[k];
+    const float t02 = y0[k] + 4.f * y2[k], t13 = 2.f * y1[k] + 8.f * y3[k];
+    out[0][k] = y0[k];
+    out[1][k] = s02 + s13;
+    out[2][k] = s02 - s13;
+    out[3][k] = t02 + t13;
+    out[4][k] = t02 - t13;
+    out[5][k] = y3[k];
+  }
+}
+
+struct Shape {
+  int64_t n, h, w, c, th, tw, p;
+};
+
+Shape MakeShape(int64_t n, int64_t h, int64_t w, int64_t c) {
+  const int64_t th = (h + 3) / 4, tw = (w + 3) / 4;
+  return {n, h, w, c, th, tw, n * th * tw};
+}
+
+template <typename Fn>
+void Parallel(int64_t count, int64_t threads, Fn fn) {
+  threads = std::max<int64_t>(1, std::min(threads, count));
+  if (threads == 1) {
+    fn(0, count);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int64_t r = 0; r < threads; ++r)
+    pool.emplace_back(fn, count * r / threads, count * (r + 1) / threads);
+  for (auto& t : pool) t.join();
+}
+
+alignas(64) const float kZeros[KB] = {};
+
+void InputTiles(const float* x, float* v, const Shape& s, int64_t p0, int64_t p1) {
+  alignas(64) float rows[6][6][KB];  // [image row i][coordinate b]
+  alignas(64) float out[6][KB];
+  const int64_t stride = s.p * s.c;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n = p / (s.th * s.tw), t = (p / s.tw) % s.th, u = p % s.tw;
+    for (int64_t k0 = 0; k0 < s.c; k0 += KB) {
+      const int kb = static_cast<int>(std::min<int64_t>(KB, s.c - k0));
+      for (int i = 0; i < 6; ++i) {  // B^T along W, for each of the 6 rows of the tile
+        const int64_t y = 4 * t - 1 + i;
+        const float* d[6];
+        for (int j = 0; j < 6; ++j) {
+          const int64_t xx = 4 * u - 1 + j;
+          d[j] = (y < 0 || y >= s.h || xx < 0 || xx >= s.w)
+                     ? kZeros
+                     : x + ((n * s.h + y) * s.w + xx) * s.c + k0;
+        }
+        bt6(d[0], d[1], d[2], d[3], d[4], d[5], rows[i], kb);
+      }
+      for (int b = 0; b < 6; ++b) {  // B^T along H
+        bt6(rows[0][b], rows[1][b], rows[2][b], rows[3][b], rows[4][b], rows[5][b], out, kb);
+        for (int a = 0; a < 6; ++a)
+          std::memcpy(v + (6 * a + b) * stride + p * s.c + k0, out[a], kb * sizeof(float));
+      }
+    }
+  }
+}
+
+void InputAdjointImages(const float* dv, float* dx, const Shape& s, int64_t n0, int64_t n1) {
+  alignas(64) float cols[6][6][KB];  // [coordinate a][tile column j]
+  alignas(64) float out[6][KB];
+  const int64_t stride = s.p * s.c;
+  const int64_t image = s.h * s.w * s.c;
+  std::memset(dx + n0 * image, 0, (n1 - n0) * image * sizeof(float));
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t t = 0; t < s.th; ++t) {
+      for (int64_t u = 0; u < s.tw; ++u) {
+        const int64_t p = (n * s.th + t) * s.tw + u;
+        for (int64_t k0 = 0; k0 < s.c; k0 += KB) {
+          const int kb = static_cast<int>(std::min<int64_t>(KB, s.c - k0));
+          const float* base = dv + p * s.c + k0;
+          for (int a = 0; a < 6; ++a) {  // B along W: cols[a][j] = sum_b BT[b][j] dV[a][b]
+            const float* r = base + 6 * a * stride;
+            b6(r, r + stride, r + 2 * stride, r + 3 * stride, r + 4 * stride, r + 5 * stride,
+               cols[a], kb);
+          }
+          for (int j = 0; j < 6; ++j) {  // B along H, added onto the image
+            const int64_t xx = 4 * u - 1 + j;
+            if (xx < 0 || xx >= s.w) continue;
+            b6(cols[0][j], cols[1][j], cols[2][j], cols[3][j], cols[4][j], cols[5][j], out, kb);
+            for (int i = 0; i < 6; ++i) {
+              const int64_t y = 4 * t - 1 + i;
+              if (y < 0 || y >= s.h) continue;
+              float* dst = dx + ((n * s.h + y) * s.w + xx) * s.c + k0;
+              for (int k = 0; k < kb; ++k) dst[k] += out[i][k];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+void OutputTiles(const float* m, float* y, const Shape& s, int64_t p0, int64_t p1) {
+  alignas(64) float rows[4][6][KB];  // [output row i][coordinate b]
+  alignas(64) float out[4][KB];
+  const int64_t stride = s.p * s.c;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n = p / (s.th * s.tw), t = (p / s.tw) % s.th, u = p % s.tw;
+    for (int64_t k0 = 0; k0 < s.c; k0 += KB) {
+      const int kb = static_cast<int>(std::min<int64_t>(KB, s.c - k0));
+      const float* base = m + p * s.c + k0;
+      alignas(64) float tmp[4][KB];
+      for (int b = 0; b < 6; ++b) {  // A^T along H (coordinate a)
+        const float* r = base + b * stride;
+        at4(r, r + 6 * stride, r + 12 * stride, r + 18 * stride, r + 24 * stride,
+            r + 30 * stride, tmp, kb);
+        for (int i = 0; i < 4; ++i) std::memcpy(rows[i][b], tmp[i], kb * sizeof(float));
+      }
+      for (int i = 0; i < 4; ++i) {  // A^T along W
+        const int64_t yy = 4 * t + i;
+        if (yy >= s.h) break;
+        at4(rows[i][0], rows[i][1], rows[i][2], rows[i][3], rows[i][4], rows[i][5], out, kb);
+        for (int j = 0; j < 4; ++j) {
+          const int64_t xx = 4 * u + j;
+          if (xx >= s.w) break;
+          std::memcpy(y + ((n * s.h + yy) * s.w + xx) * s.c + k0, out[j], kb * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
+void OutputAdjointTiles(const float* dy, float* dm, const Shape& s, int64_t p0, int64_t p1) {
+  alignas(64) float rows[4][6][KB];  // [output row i][coordinate b]
+  alignas(64) float out[6][KB];
+  const int64_t stride = s.p * s.c;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n = p / (s.th * s.tw), t = (p / s.tw) % s.th, u = p % s.tw;
+    for (int64_t k0 = 0; k0 < s.c; k0 += KB) {
+      const int kb = static_cast<int>(std::min<int64_t>(KB, s.c - k0));
+      for (int i = 0; i < 4; ++i) {  // A along W, for each output row of the tile
+        const int64_t yy = 4 * t + i;
+        const float* d[4];
+        for (int j = 0; j < 4; ++j) {
+          const int64_t xx = 4 * u + j;
+          d[j] = (yy >= s.h || xx >= s.w) ? kZeros : dy + ((n * s.h + yy) * s.w + xx) * s.c + k0;
+        }
+        a6(d[0], d[1], d[2], d[3], rows[i], kb);
+      }
+      for (int b = 0; b < 6; ++b) {  // A along H
+        a6(rows[0][b], rows[1][b], rows[2][b], rows[3][b], out, kb);
+        for (int a = 0; a < 6; ++a)
+          std::memcpy(dm + (6 * a + b) * stride + p * s.c + k0, out[a], kb * sizeof(float));
+      }
+    }
+  }
+}
+
+ffi::Error Check(ffi::AnyBuffer::Dimensions dims, size_t rank, const char* what) {
+  if (dims.size() != rank)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(what) + ": wrong rank");
+  return ffi::Error::Success();
+}
+
+ffi::Error InputTransformImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> v,
+                              int64_t threads) {
+  auto d = x.dimensions();
+  if (auto e = Check(d, 4, "input_transform"); e.failure()) return e;
+  const Shape s = MakeShape(d[0], d[1], d[2], d[3]);
+  Parallel(s.p, threads, [&](int64_t a, int64_t b) {
+    InputTiles(x.typed_data(), v->typed_data(), s, a, b);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error InputTransformAdjointImpl(ffi::Buffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dx,
+                                     int64_t threads) {
+  auto d = dx->dimensions();
+  if (auto e = Check(d, 4, "input_transform_adjoint"); e.failure()) return e;
+  const Shape s = MakeShape(d[0], d[1], d[2], d[3]);
+  Parallel(s.n, threads, [&](int64_t a, int64_t b) {
+    InputAdjointImages(dv.typed_data(), dx->typed_data(), s, a, b);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error OutputTransformImpl(ffi::Buffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> y,
+                               int64_t threads) {
+  auto d = y->dimensions();
+  if (auto e = Check(d, 4, "output_transform"); e.failure()) return e;
+  const Shape s = MakeShape(d[0], d[1], d[2], d[3]);
+  Parallel(s.p, threads, [&](int64_t a, int64_t b) {
+    OutputTiles(m.typed_data(), y->typed_data(), s, a, b);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error OutputTransformAdjointImpl(ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dm,
+                                      int64_t threads) {
+  auto d = dy.dimensions();
+  if (auto e = Check(d, 4, "output_transform_adjoint"); e.failure()) return e;
+  const Shape s = MakeShape(d[0], d[1], d[2], d[3]);
+  Parallel(s.p, threads, [&](int64_t a, int64_t b) {
+    OutputAdjointTiles(dy.typed_data(), dm->typed_data(), s, a, b);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define JAXRES_TRANSFORM(name, impl)                                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                       \
+                                ffi::Ffi::Bind()                                  \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                 \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                 \
+                                    .Attr<int64_t>("threads"));
+
+JAXRES_TRANSFORM(JaxresInputTransform, InputTransformImpl)
+JAXRES_TRANSFORM(JaxresInputTransformAdjoint, InputTransformAdjointImpl)
+JAXRES_TRANSFORM(JaxresOutputTransform, OutputTransformImpl)
+JAXRES_TRANSFORM(JaxresOutputTransformAdjoint, OutputTransformAdjointImpl)
