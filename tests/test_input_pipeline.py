@@ -127,6 +127,36 @@ def test_imagefolder(tmp_path):
   assert train.images.shape == (4, 32, 32, 3) and test.labels.tolist() == [0, 0, 1, 1]
 
 
+def test_imagefolder_equals_torchvisions_imagefolder(tmp_path):
+  """Same files, order, labels and pixels as torchvision.datasets.ImageFolder (nested
+  folders, upper-case extensions, grayscale JPEGs, files that are not images)."""
+  import torchvision
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    for c in ('dog', 'cat'):
+      os.makedirs(tmp_path / split / c / 'more')
+      for name in ('b.jpg', 'a.JPEG', 'more/c.png'):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(
+            tmp_path / split / c / name, format='PNG' if name.endswith('png') else 'JPEG')
+      Image.fromarray(rng.integers(0, 256, (32, 32), np.uint8)).save(
+          tmp_path / split / c / 'gray.jpg')
+      (tmp_path / split / c / 'notes.txt').write_text('not an image')
+  data = ml_collections.ConfigDict({'name': 'imagefolder', 'root': str(tmp_path), 'image_size': 32})
+  train, _ = input_pipeline.load(data)
+  ref = torchvision.datasets.ImageFolder(str(tmp_path / 'train'))
+  assert train.classes == tuple(ref.classes) == ('cat', 'dog')
+  assert train.labels.tolist() == ref.targets
+  np.testing.assert_array_equal(train.images, np.stack([np.asarray(img) for img, _ in ref]))
+
+  (tmp_path / 'train' / 'cat' / 'b.jpg').write_bytes(b'\xff\xd8\xff broken')
+  with pytest.raises(UsageError, match='cannot read image .*b.jpg'):
+    input_pipeline.load(data)
+  os.makedirs(tmp_path / 'test' / 'empty')
+  data.root = str(tmp_path)
+  with pytest.raises(UsageError, match='no images in class folder empty'):
+    input_pipeline._load_imagefolder(str(tmp_path / 'test'), 32)
+
+
 def test_imagefolder_wrong_size_and_missing(tmp_path):
   os.makedirs(tmp_path / 'train' / 'a')
   Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / 'train' / 'a' / 'x.png')
