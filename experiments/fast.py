@@ -41,9 +41,10 @@ DECAY_PER_EXAMPLE = 2e-6  # decay per step = this x batch
 
 def get_config():
   config = base.get_config()
-  # What 30 minutes hold on the 2-core CPU of BENCHMARKS.md, from the step time alone: 8
-  # epochs, estimated at 1,761 s from run 5's step time, took 30 min 53 s in run 6.
-  config.num_epochs = 7
+  # What 30 minutes hold on the 2-core CPU of BENCHMARKS.md, from the time alone: with the
+  # native Winograd transforms one epoch took 188 s (compilation included) and start-up
+  # plus the final evaluation 108 s, so 9 epochs are estimated at ~1,710 s.
+  config.num_epochs = 9
   config.batch_size = BATCH
   config.eval_batch_size = 1000
 
