@@ -2,8 +2,9 @@
 
 Sources (config.data.name):
   cifar10      torchvision.datasets.CIFAR10(root, download=config.data.download)
-  imagefolder  ROOT/train/<class>/* and ROOT/test/<class>/* (torchvision ImageFolder;
-               classes sorted, which is CIFAR-10's label order for its class names)
+  imagefolder  ROOT/train/<class>/* and ROOT/test/<class>/* (torchvision ImageFolder's
+               layout, order and pixels, read without torch; classes sorted, which is
+               CIFAR-10's label order for its class names)
   synthetic    a small learnable dataset generated in memory (tests, smoke config)
 
 Every source is decoded once into a uint8 array (N, H, W, 3). Training batches then go

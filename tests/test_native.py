@@ -6,22 +6,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax import lax
 
 from jaxres import conv, native
+from tests import test_conv
 
 needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f'{native.unavailable_reason()}')
-DN = ('NHWC', 'HWIO', 'NHWC')
+DN = test_conv.DN
 # (N, H, W, C): partial tiles (H, W not multiples of 4), channels not a multiple of the
 # 64-channel block, one-tile images, the fast model's first layer.
 SHAPES = [(3, 5, 7, 3), (2, 8, 8, 70), (1, 3, 3, 256), (2, 31, 31, 24), (2, 15, 15, 64)]
-
-
-def _rel(a, b):
-  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
 def _tiles(n, h, w):
@@ -44,29 +39,20 @@ def test_transforms_match_xla(shape):
   }
   for name, (got, want) in pairs.items():
     assert got.shape == want.shape, name
-    assert _rel(got, want) < 1e-6, name
+    assert test_conv._rel(got, want) < 1e-6, name
 
 
 @needs_native
 @pytest.mark.parametrize('n, size, cin, cout', [(2, 16, 8, 16), (2, 15, 8, 16), (2, 7, 16, 8),
                                                 (2, 3, 16, 8), (2, 31, 24, 64)])
 def test_winograd_conv_on_native_transforms_matches_xla(n, size, cin, cout):
-  kx, kw = jax.random.split(jax.random.PRNGKey(1))
-  x = jax.random.normal(kx, (n, size, size, cin))
-  w = jax.random.normal(kw, (3, 3, cin, cout)) / np.sqrt(9 * cin)
+  x, w = test_conv._data((n, size, size, cin), (3, 3, cin, cout), seed=1)
   fast = conv.conv_general_dilated('winograd', winograd_transforms='native')
-  new = lambda x, w: fast(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
-  ref = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                              dimension_numbers=DN,
-                                              precision=lax.Precision.HIGHEST)
-  assert 'jaxres_winograd' in jax.jit(new).lower(x, w).as_text()
-  assert _rel(jax.jit(new)(x, w), ref(x, w)) < 1e-5
-  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
-  dx, dw = jax.jit(jax.grad(loss(new), (0, 1)))(x, w)
-  rx, rw = jax.grad(loss(ref), (0, 1))(x, w)
+  call = lambda x, w: fast(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
+  assert 'jaxres_winograd' in jax.jit(call).lower(x, w).as_text()
   # F(4x4, 3x3) rounds to about 1e-5 relative; the kernel gradient sums the most terms
   # (XLA's transforms: 7e-6 on the largest case, these: 1.1e-5).
-  assert _rel(dx, rx) < 1e-5 and _rel(dw, rw) < 3e-5
+  test_conv.check_against_xla(fast, x, w, 1, ((1, 1), (1, 1)), kernel_grad_tol=3e-5)
 
 
 def test_resolve_transforms():

@@ -229,55 +229,27 @@ void OutputAdjointTiles(const float* dy, float* dm, const Shape& s, int64_t p0, 
   }
 }
 
-ffi::Error Check(ffi::AnyBuffer::Dimensions dims, size_t rank, const char* what) {
-  if (dims.size() != rank)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(what) + ": wrong rank");
-  return ffi::Error::Success();
-}
+using Kernel = void (*)(const float*, float*, const Shape&, int64_t, int64_t);
 
-ffi::Error InputTransformImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> v,
-                              int64_t threads) {
-  auto d = x.dimensions();
-  if (auto e = Check(d, 4, "input_transform"); e.failure()) return e;
+// One transform: `kernel` over the tiles (or, for `by_image`, the images) of the
+// activation's NHWC shape, which is the result's when `nhwc_result`, else the argument's.
+template <Kernel kernel, bool nhwc_result, bool by_image>
+ffi::Error Run(ffi::Buffer<ffi::F32> src, ffi::ResultBuffer<ffi::F32> dst, int64_t threads) {
+  auto d = nhwc_result ? dst->dimensions() : src.dimensions();
+  if (d.size() != 4)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "jaxres Winograd transform: the activation must be NHWC (rank 4)");
   const Shape s = MakeShape(d[0], d[1], d[2], d[3]);
-  Parallel(s.p, threads, [&](int64_t a, int64_t b) {
-    InputTiles(x.typed_data(), v->typed_data(), s, a, b);
+  Parallel(by_image ? s.n : s.p, threads, [&](int64_t a, int64_t b) {
+    kernel(src.typed_data(), dst->typed_data(), s, a, b);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error InputTransformAdjointImpl(ffi::Buffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dx,
-                                     int64_t threads) {
-  auto d = dx->dimensions();
-  if (auto e = Check(d, 4, "input_transform_adjoint"); e.failure()) return e;
-  const Shape s = MakeShape(d[0], d[1], d[2], d[3]);
-  Parallel(s.n, threads, [&](int64_t a, int64_t b) {
-    InputAdjointImages(dv.typed_data(), dx->typed_data(), s, a, b);
-  });
-  return ffi::Error::Success();
-}
-
-ffi::Error OutputTransformImpl(ffi::Buffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> y,
-                               int64_t threads) {
-  auto d = y->dimensions();
-  if (auto e = Check(d, 4, "output_transform"); e.failure()) return e;
-  const Shape s = MakeShape(d[0], d[1], d[2], d[3]);
-  Parallel(s.p, threads, [&](int64_t a, int64_t b) {
-    OutputTiles(m.typed_data(), y->typed_data(), s, a, b);
-  });
-  return ffi::Error::Success();
-}
-
-ffi::Error OutputTransformAdjointImpl(ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dm,
-                                      int64_t threads) {
-  auto d = dy.dimensions();
-  if (auto e = Check(d, 4, "output_transform_adjoint"); e.failure()) return e;
-  const Shape s = MakeShape(d[0], d[1], d[2], d[3]);
-  Parallel(s.p, threads, [&](int64_t a, int64_t b) {
-    OutputAdjointTiles(dy.typed_data(), dm->typed_data(), s, a, b);
-  });
-  return ffi::Error::Success();
-}
+constexpr auto InputTransformImpl = Run<InputTiles, false, false>;
+constexpr auto InputTransformAdjointImpl = Run<InputAdjointImages, true, true>;
+constexpr auto OutputTransformImpl = Run<OutputTiles, true, false>;
+constexpr auto OutputTransformAdjointImpl = Run<OutputAdjointTiles, false, false>;
 
 }  // namespace
 
