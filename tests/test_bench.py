@@ -15,7 +15,7 @@ def test_bench_json_on_the_smoke_model(run_cli):
     assert result[key] > 0, key
   assert result['ratio'] == result['jax_train_img_s'] / result['torch_train_img_s']
   assert result['device'].startswith('cpu') and result['batch_size'] == 16
-  assert result['conv_impl'] == 'xla'  # smoke.py's choice
+  assert result['conv_impl'] == 'xla' and result['winograd_transforms'] == 'n/a'  # smoke's
   assert result['peak_host_rss_mb'] > 0
   table = bench.format_table(result)
   assert 'ratio jaxres / PyTorch eager' in table and 'input pipeline' in table

@@ -286,6 +286,7 @@ def run(config, batch_size: int, dtype: str, num_steps: int, torch_compile: bool
             'model': config.model.name,
             'params': config_lib.param_count(config)[0],
             'conv_impl': conv.resolve(config.model.conv_impl, dtype=jnp.dtype(dtype)),
+            'winograd_transforms': _transforms_name(config, dtype),
             'augment': config.data.augment,
             'xla_flags': os.environ.get('XLA_FLAGS', ''),
             'host_allocator': config.host_allocator,
@@ -308,6 +309,15 @@ def run(config, batch_size: int, dtype: str, num_steps: int, torch_compile: bool
   return result
 
 
+def _transforms_name(config, dtype: str) -> str:
+  """Whose Winograd transforms the step runs: 'native', 'xla', or 'n/a' (no Winograd)."""
+  m = config.model
+  if conv.resolve(m.conv_impl, dtype=jnp.dtype(dtype)) != 'winograd':
+    return 'n/a'
+  native = conv.resolve_transforms(m.winograd_transforms, m.winograd_tile, jnp.dtype(dtype))
+  return 'native' if native else 'xla'
+
+
 def format_table(r: dict) -> str:
   def rate(key):
     value = r.get(key)
@@ -322,7 +332,8 @@ def format_table(r: dict) -> str:
       f'versions    jax {r["jax"]}, flax {r["flax"]}, optax {r["optax"]}, torch {r["torch"]}, '
       f'torchvision {r["torchvision"]}',
       f'setup       model {r["model"]} ({r["params"]:,} params), batch {r["batch_size"]}, '
-      f'{r["dtype"]}, conv_impl {r["conv_impl"]}, augment {r["augment"]}, '
+      f'{r["dtype"]}, conv_impl {r["conv_impl"]} (transforms {r["winograd_transforms"]}), '
+      f'augment {r["augment"]}, '
       f'{r["steps"]} timed steps, host allocator {r["host_allocator"]}, '
       f'XLA_FLAGS={r["xla_flags"] or "(none)"}',
       '',
