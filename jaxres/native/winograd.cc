@@ -110,123 +110,116 @@ void Parallel(int64_t count, int64_t threads, Fn fn) {
 
 alignas(64) const float kZeros[KB] = {};
 
+// fn(n, t, u, p, k0, kb) for tiles p0 .. p1 - 1 (tile (t, u) of image n) and each block of
+// kb <= KB channels starting at k0.
+template <typename Fn>
+inline void ForTileBlocks(const Shape& s, int64_t p0, int64_t p1, Fn fn) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n = p / (s.th * s.tw), t = (p / s.tw) % s.th, u = p % s.tw;
+    for (int64_t k0 = 0; k0 < s.c; k0 += KB)
+      fn(n, t, u, p, k0, static_cast<int>(std::min<int64_t>(KB, s.c - k0)));
+  }
+}
+
 void InputTiles(const float* x, float* v, const Shape& s, int64_t p0, int64_t p1) {
   alignas(64) float rows[6][6][KB];  // [image row i][coordinate b]
   alignas(64) float out[6][KB];
   const int64_t stride = s.p * s.c;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n = p / (s.th * s.tw), t = (p / s.tw) % s.th, u = p % s.tw;
-    for (int64_t k0 = 0; k0 < s.c; k0 += KB) {
-      const int kb = static_cast<int>(std::min<int64_t>(KB, s.c - k0));
-      for (int i = 0; i < 6; ++i) {  // B^T along W, for each of the 6 rows of the tile
-        const int64_t y = 4 * t - 1 + i;
-        const float* d[6];
-        for (int j = 0; j < 6; ++j) {
-          const int64_t xx = 4 * u - 1 + j;
-          d[j] = (y < 0 || y >= s.h || xx < 0 || xx >= s.w)
-                     ? kZeros
-                     : x + ((n * s.h + y) * s.w + xx) * s.c + k0;
-        }
-        bt6(d[0], d[1], d[2], d[3], d[4], d[5], rows[i], kb);
+  ForTileBlocks(s, p0, p1, [&](int64_t n, int64_t t, int64_t u, int64_t p, int64_t k0, int kb) {
+    for (int i = 0; i < 6; ++i) {  // B^T along W, for each of the 6 rows of the tile
+      const int64_t y = 4 * t - 1 + i;
+      const float* d[6];
+      for (int j = 0; j < 6; ++j) {
+        const int64_t xx = 4 * u - 1 + j;
+        d[j] = (y < 0 || y >= s.h || xx < 0 || xx >= s.w)
+                   ? kZeros
+                   : x + ((n * s.h + y) * s.w + xx) * s.c + k0;
       }
-      for (int b = 0; b < 6; ++b) {  // B^T along H
-        bt6(rows[0][b], rows[1][b], rows[2][b], rows[3][b], rows[4][b], rows[5][b], out, kb);
-        for (int a = 0; a < 6; ++a)
-          std::memcpy(v + (6 * a + b) * stride + p * s.c + k0, out[a], kb * sizeof(float));
-      }
+      bt6(d[0], d[1], d[2], d[3], d[4], d[5], rows[i], kb);
     }
-  }
+    for (int b = 0; b < 6; ++b) {  // B^T along H
+      bt6(rows[0][b], rows[1][b], rows[2][b], rows[3][b], rows[4][b], rows[5][b], out, kb);
+      for (int a = 0; a < 6; ++a)
+        std::memcpy(v + (6 * a + b) * stride + p * s.c + k0, out[a], kb * sizeof(float));
+    }
+  });
 }
 
+// Images n0 .. n1 - 1 whole (their tiles overlap each other, not other images').
 void InputAdjointImages(const float* dv, float* dx, const Shape& s, int64_t n0, int64_t n1) {
   alignas(64) float cols[6][6][KB];  // [coordinate a][tile column j]
   alignas(64) float out[6][KB];
   const int64_t stride = s.p * s.c;
-  const int64_t image = s.h * s.w * s.c;
+  const int64_t image = s.h * s.w * s.c, tiles = s.th * s.tw;
   std::memset(dx + n0 * image, 0, (n1 - n0) * image * sizeof(float));
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t t = 0; t < s.th; ++t) {
-      for (int64_t u = 0; u < s.tw; ++u) {
-        const int64_t p = (n * s.th + t) * s.tw + u;
-        for (int64_t k0 = 0; k0 < s.c; k0 += KB) {
-          const int kb = static_cast<int>(std::min<int64_t>(KB, s.c - k0));
-          const float* base = dv + p * s.c + k0;
-          for (int a = 0; a < 6; ++a) {  // B along W: cols[a][j] = sum_b BT[b][j] dV[a][b]
-            const float* r = base + 6 * a * stride;
-            b6(r, r + stride, r + 2 * stride, r + 3 * stride, r + 4 * stride, r + 5 * stride,
-               cols[a], kb);
-          }
-          for (int j = 0; j < 6; ++j) {  // B along H, added onto the image
-            const int64_t xx = 4 * u - 1 + j;
-            if (xx < 0 || xx >= s.w) continue;
-            b6(cols[0][j], cols[1][j], cols[2][j], cols[3][j], cols[4][j], cols[5][j], out, kb);
-            for (int i = 0; i < 6; ++i) {
-              const int64_t y = 4 * t - 1 + i;
-              if (y < 0 || y >= s.h) continue;
-              float* dst = dx + ((n * s.h + y) * s.w + xx) * s.c + k0;
-              for (int k = 0; k < kb; ++k) dst[k] += out[i][k];
-            }
-          }
-        }
+  ForTileBlocks(s, n0 * tiles, n1 * tiles,
+                [&](int64_t n, int64_t t, int64_t u, int64_t p, int64_t k0, int kb) {
+    const float* base = dv + p * s.c + k0;
+    for (int a = 0; a < 6; ++a) {  // B along W: cols[a][j] = sum_b BT[b][j] dV[a][b]
+      const float* r = base + 6 * a * stride;
+      b6(r, r + stride, r + 2 * stride, r + 3 * stride, r + 4 * stride, r + 5 * stride,
+         cols[a], kb);
+    }
+    for (int j = 0; j < 6; ++j) {  // B along H, added onto the image
+      const int64_t xx = 4 * u - 1 + j;
+      if (xx < 0 || xx >= s.w) continue;
+      b6(cols[0][j], cols[1][j], cols[2][j], cols[3][j], cols[4][j], cols[5][j], out, kb);
+      for (int i = 0; i < 6; ++i) {
+        const int64_t y = 4 * t - 1 + i;
+        if (y < 0 || y >= s.h) continue;
+        float* dst = dx + ((n * s.h + y) * s.w + xx) * s.c + k0;
+        for (int k = 0; k < kb; ++k) dst[k] += out[i][k];
       }
     }
-  }
+  });
 }
 
 void OutputTiles(const float* m, float* y, const Shape& s, int64_t p0, int64_t p1) {
   alignas(64) float rows[4][6][KB];  // [output row i][coordinate b]
+  alignas(64) float tmp[4][KB];
   alignas(64) float out[4][KB];
   const int64_t stride = s.p * s.c;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n = p / (s.th * s.tw), t = (p / s.tw) % s.th, u = p % s.tw;
-    for (int64_t k0 = 0; k0 < s.c; k0 += KB) {
-      const int kb = static_cast<int>(std::min<int64_t>(KB, s.c - k0));
-      const float* base = m + p * s.c + k0;
-      alignas(64) float tmp[4][KB];
-      for (int b = 0; b < 6; ++b) {  // A^T along H (coordinate a)
-        const float* r = base + b * stride;
-        at4(r, r + 6 * stride, r + 12 * stride, r + 18 * stride, r + 24 * stride,
-            r + 30 * stride, tmp, kb);
-        for (int i = 0; i < 4; ++i) std::memcpy(rows[i][b], tmp[i], kb * sizeof(float));
-      }
-      for (int i = 0; i < 4; ++i) {  // A^T along W
-        const int64_t yy = 4 * t + i;
-        if (yy >= s.h) break;
-        at4(rows[i][0], rows[i][1], rows[i][2], rows[i][3], rows[i][4], rows[i][5], out, kb);
-        for (int j = 0; j < 4; ++j) {
-          const int64_t xx = 4 * u + j;
-          if (xx >= s.w) break;
-          std::memcpy(y + ((n * s.h + yy) * s.w + xx) * s.c + k0, out[j], kb * sizeof(float));
-        }
+  ForTileBlocks(s, p0, p1, [&](int64_t n, int64_t t, int64_t u, int64_t p, int64_t k0, int kb) {
+    const float* base = m + p * s.c + k0;
+    for (int b = 0; b < 6; ++b) {  // A^T along H (coordinate a)
+      const float* r = base + b * stride;
+      at4(r, r + 6 * stride, r + 12 * stride, r + 18 * stride, r + 24 * stride,
+          r + 30 * stride, tmp, kb);
+      for (int i = 0; i < 4; ++i) std::memcpy(rows[i][b], tmp[i], kb * sizeof(float));
+    }
+    for (int i = 0; i < 4; ++i) {  // A^T along W
+      const int64_t yy = 4 * t + i;
+      if (yy >= s.h) break;
+      at4(rows[i][0], rows[i][1], rows[i][2], rows[i][3], rows[i][4], rows[i][5], out, kb);
+      for (int j = 0; j < 4; ++j) {
+        const int64_t xx = 4 * u + j;
+        if (xx >= s.w) break;
+        std::memcpy(y + ((n * s.h + yy) * s.w + xx) * s.c + k0, out[j], kb * sizeof(float));
       }
     }
-  }
+  });
 }
 
 void OutputAdjointTiles(const float* dy, float* dm, const Shape& s, int64_t p0, int64_t p1) {
   alignas(64) float rows[4][6][KB];  // [output row i][coordinate b]
   alignas(64) float out[6][KB];
   const int64_t stride = s.p * s.c;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n = p / (s.th * s.tw), t = (p / s.tw) % s.th, u = p % s.tw;
-    for (int64_t k0 = 0; k0 < s.c; k0 += KB) {
-      const int kb = static_cast<int>(std::min<int64_t>(KB, s.c - k0));
-      for (int i = 0; i < 4; ++i) {  // A along W, for each output row of the tile
-        const int64_t yy = 4 * t + i;
-        const float* d[4];
-        for (int j = 0; j < 4; ++j) {
-          const int64_t xx = 4 * u + j;
-          d[j] = (yy >= s.h || xx >= s.w) ? kZeros : dy + ((n * s.h + yy) * s.w + xx) * s.c + k0;
-        }
-        a6(d[0], d[1], d[2], d[3], rows[i], kb);
+  ForTileBlocks(s, p0, p1, [&](int64_t n, int64_t t, int64_t u, int64_t p, int64_t k0, int kb) {
+    for (int i = 0; i < 4; ++i) {  // A along W, for each output row of the tile
+      const int64_t yy = 4 * t + i;
+      const float* d[4];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t xx = 4 * u + j;
+        d[j] = (yy >= s.h || xx >= s.w) ? kZeros : dy + ((n * s.h + yy) * s.w + xx) * s.c + k0;
       }
-      for (int b = 0; b < 6; ++b) {  // A along H
-        a6(rows[0][b], rows[1][b], rows[2][b], rows[3][b], out, kb);
-        for (int a = 0; a < 6; ++a)
-          std::memcpy(dm + (6 * a + b) * stride + p * s.c + k0, out[a], kb * sizeof(float));
-      }
+      a6(d[0], d[1], d[2], d[3], rows[i], kb);
     }
-  }
+    for (int b = 0; b < 6; ++b) {  // A along H
+      a6(rows[0][b], rows[1][b], rows[2][b], rows[3][b], out, kb);
+      for (int a = 0; a < 6; ++a)
+        std::memcpy(dm + (6 * a + b) * stride + p * s.c + k0, out[a], kb * sizeof(float));
+    }
+  });
 }
 
 using Kernel = void (*)(const float*, float*, const Shape&, int64_t, int64_t);
