@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxres import host_allocator, models, train_state
+from jaxres import conv, host_allocator, models, train_state
 from jaxres.errors import UsageError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -18,6 +18,21 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 def _require(ok: bool, message: str):
   if not ok:
     raise UsageError(message)
+
+
+def _validate_conv(config: ml_collections.ConfigDict) -> None:
+  m = config.model
+  _require(m.conv_impl in conv.IMPLS, f'config.model.conv_impl must be one of '
+           f'{", ".join(conv.IMPLS)}, got {m.conv_impl!r}')
+  _require(m.winograd_tile in conv.TILE_SIZES, f'config.model.winograd_tile must be one of '
+           f'{", ".join(map(str, conv.TILE_SIZES))}, got {m.winograd_tile!r}')
+  _require(m.winograd_transforms in conv.TRANSFORMS, f'config.model.winograd_transforms must be '
+           f'one of {", ".join(conv.TRANSFORMS)}, got {m.winograd_transforms!r}')
+  if conv.resolve(m.conv_impl, dtype=jnp.dtype(config.dtype)) == 'winograd':
+    try:  # 'native' where it cannot work (no compiler, GPU, ...) says why
+      conv.resolve_transforms(m.winograd_transforms, m.winograd_tile, jnp.dtype(config.dtype))
+    except ValueError as e:
+      raise UsageError(f'config.model.{e}') from None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -32,6 +47,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.host_allocator in host_allocator.POLICIES,
            f'config.host_allocator must be one of {", ".join(host_allocator.POLICIES)}, '
            f'got {config.host_allocator!r}')
+  _validate_conv(config)
   _require(config.optimizer in ('adam', 'sgd'), f'config.optimizer must be adam or sgd, got {config.optimizer!r}')
   _require(config.schedule in ('plateau', 'constant', 'triangle'),
            f'config.schedule must be plateau, constant or triangle, got {config.schedule!r}')

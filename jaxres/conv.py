@@ -371,28 +371,31 @@ def resolve_transforms(transforms: str, winograd_tile: int = 4, dtype=jnp.float3
                        backend: Optional[str] = None) -> bool:
   """Whether `transforms` means jaxres.native's Winograd transforms (True) or XLA's.
 
-  'native' where they cannot apply (tile other than 4, not float32, not CPU, more than
-  one device: XLA cannot split a custom call across devices) or cannot be built raises
-  ValueError with the reason; 'auto' is native exactly where 'native' would work.
+  'auto' is native wherever native can be used; 'native' where it cannot (see
+  _native_obstacle) raises ValueError saying why; 'xla' is never native.
   """
   if transforms not in TRANSFORMS:
     raise ValueError(f'unknown winograd_transforms {transforms!r} (choose {", ".join(TRANSFORMS)})')
   if transforms == 'xla':
     return False
-  backend = backend or jax.default_backend()
-  reason = (f'winograd_tile={winograd_tile} (native transforms are F(4x4, 3x3))'
-            if winograd_tile != 4 else
-            f'dtype {jnp.dtype(dtype).name} (native transforms are float32)'
-            if jnp.dtype(dtype) != jnp.float32 else
-            f'backend {backend} (native transforms run on CPU)' if backend != 'cpu' else
-            f'{jax.device_count()} devices (native transforms run on one)'
-            if jax.device_count() != 1 else None)
-  if reason is None:
-    from jaxres import native as native_lib
-    reason = native_lib.unavailable_reason()
-  if reason is not None and transforms == 'native':
-    raise ValueError(f"winograd_transforms='native' cannot be used: {reason}")
-  return reason is None
+  obstacle = _native_obstacle(winograd_tile, dtype, backend or jax.default_backend())
+  if obstacle is not None and transforms == 'native':
+    raise ValueError(f"winograd_transforms='native' cannot be used: {obstacle}")
+  return obstacle is None
+
+
+def _native_obstacle(winograd_tile: int, dtype, backend: str) -> Optional[str]:
+  """Why jaxres.native's transforms cannot run here, or None if they can (built now)."""
+  if winograd_tile != 4:
+    return f'winograd_tile={winograd_tile} (native transforms are F(4x4, 3x3))'
+  if jnp.dtype(dtype) != jnp.float32:
+    return f'dtype {jnp.dtype(dtype).name} (native transforms are float32)'
+  if backend != 'cpu':
+    return f'backend {backend} (native transforms run on CPU)'
+  if jax.device_count() != 1:  # XLA cannot split a custom call across devices
+    return f'{jax.device_count()} devices (native transforms run on one)'
+  from jaxres import native as native_lib
+  return native_lib.unavailable_reason()
 
 
 def conv_general_dilated(impl: str, winograd_tile: int = 4, dtype=jnp.float32,

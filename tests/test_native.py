@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxres import conv, native
+from experiments import base
+from jaxres import config_lib, conv, native
+from jaxres.errors import UsageError
 from tests import test_conv
 
 needs_native = pytest.mark.skipif(not native.available(),
@@ -78,6 +80,11 @@ def test_without_a_compiler_conv_keeps_xla_transforms(monkeypatch, tmp_path):
     conv.conv_general_dilated('winograd', winograd_transforms='native')
   with pytest.raises(RuntimeError, match='no C\\+\\+ compiler'):
     native.input_transform(jnp.zeros((1, 4, 4, 1)))
+  config = base.get_config()
+  config_lib.validate(config)  # 'auto': XLA's transforms, no error
+  config.model.winograd_transforms = 'native'
+  with pytest.raises(UsageError, match="winograd_transforms='native' cannot be used: no C"):
+    config_lib.validate(config)
   fallback = conv.conv_general_dilated('winograd', winograd_transforms='auto')
   x = jnp.ones((1, 4, 4, 2))
   w = jnp.ones((3, 3, 2, 2))
@@ -94,3 +101,12 @@ def test_build_is_cached_by_content(tmp_path, monkeypatch):
   path = native.library_path(native._compiler())
   assert path.startswith(str(tmp_path)) and path == native.library_path(native._compiler())
   assert path != native.library_path('/some/other/c++')
+
+
+@pytest.mark.parametrize('field, value', [('conv_impl', 'fft'), ('winograd_tile', 3),
+                                          ('winograd_transforms', 'cuda')])
+def test_config_names_a_bad_convolution_field(field, value):
+  config = base.get_config()
+  config.model[field] = value
+  with pytest.raises(UsageError, match=f'config.model.{field} must be one of'):
+    config_lib.validate(config)
