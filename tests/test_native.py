@@ -3,6 +3,8 @@ convolution on them equals XLA's convolution (values and gradients); without a c
 they are unavailable and jaxres.conv falls back to XLA's transforms."""
 
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from experiments import base
 from jaxres import config_lib, conv, native
 from jaxres.errors import UsageError
 from tests import test_conv
+from tests.conftest import cli_env
 
 needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f'{native.unavailable_reason()}')
@@ -110,3 +113,14 @@ def test_config_names_a_bad_convolution_field(field, value):
   config.model[field] = value
   with pytest.raises(UsageError, match=f'config.model.{field} must be one of'):
     config_lib.validate(config)
+
+
+def test_several_devices_keep_xla_transforms():
+  """XLA cannot split a custom call across devices: 'auto' keeps XLA's transforms there."""
+  code = ('import jax; from jaxres import conv; print(jax.device_count(), '
+          'conv.resolve_transforms("auto"))')
+  env = cli_env({'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ['2', 'False']
