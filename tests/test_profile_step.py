@@ -34,6 +34,17 @@ def test_aggregate_sums_per_step_and_skips_runtime_spans():
   assert r['by_layer_ms'] == {'group3/conv1 bwd': 200.0, 'update': 1.0}
   assert r['by_kind_ms'] == {'ynn_fusion': 200.0, 'add': 1.0}
   assert r['top_ops'] == [{'op': 'ynn_fusion.80', 'layer': 'group3/conv1 bwd', 'ms': 200.0}]
+  assert r['between_ops_ms'] == 0.0  # these events have no timestamps
+
+
+def test_between_ops_is_the_time_no_op_covers():
+  names = profile_step.op_names(HLO)
+  events = [{'ph': 'X', 'name': 'ynn_fusion.80', 'ts': 0, 'dur': 100_000},
+            {'ph': 'X', 'name': 'add.3', 'ts': 50_000, 'dur': 100_000},  # overlaps
+            {'ph': 'X', 'name': 'ThunkExecutor::Execute', 'ts': 0, 'dur': 900_000},
+            {'ph': 'X', 'name': 'ynn_fusion.80', 'ts': 400_000, 'dur': 100_000}]
+  r = profile_step.aggregate(events, names, num_steps=2, top=1)
+  assert r['between_ops_ms'] == 125.0  # 150 ms to 400 ms, over 2 steps
 
 
 def test_profile_step_on_the_smoke_model(run_cli):
