@@ -28,11 +28,11 @@ def _validate_conv(config: ml_collections.ConfigDict) -> None:
            f'{", ".join(map(str, conv.TILE_SIZES))}, got {m.winograd_tile!r}')
   _require(m.winograd_transforms in conv.TRANSFORMS, f'config.model.winograd_transforms must be '
            f'one of {", ".join(conv.TRANSFORMS)}, got {m.winograd_transforms!r}')
-  if conv.resolve(m.conv_impl, dtype=jnp.dtype(config.dtype)) == 'winograd':
-    try:  # 'native' where it cannot work (no compiler, GPU, ...) says why
-      conv.resolve_transforms(m.winograd_transforms, m.winograd_tile, jnp.dtype(config.dtype))
-    except ValueError as e:
-      raise UsageError(f'config.model.{e}') from None
+  try:  # 'native' where it cannot work (no compiler, GPU, ...) says why
+    conv.transforms_in_use(m.conv_impl, m.winograd_tile, jnp.dtype(config.dtype),
+                           m.winograd_transforms)
+  except ValueError as e:
+    raise UsageError(f'config.model.{e}') from None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

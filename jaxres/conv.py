@@ -399,6 +399,16 @@ def _native_obstacle(winograd_tile: int, dtype, backend: str) -> Optional[str]:
   return native_lib.unavailable_reason()
 
 
+def transforms_in_use(impl: str, winograd_tile: int = 4, dtype=jnp.float32,
+                      winograd_transforms: str = 'xla') -> str:
+  """Whose Winograd transforms conv_general_dilated(impl, ...) runs: 'native', 'xla', or
+  'n/a' where `impl` resolves to XLA's convolution. Raises ValueError as resolve() and
+  resolve_transforms() do."""
+  if resolve(impl, dtype=dtype) != 'winograd':
+    return 'n/a'
+  return 'native' if resolve_transforms(winograd_transforms, winograd_tile, dtype) else 'xla'
+
+
 def conv_general_dilated(impl: str, winograd_tile: int = 4, dtype=jnp.float32,
                          winograd_transforms: str = 'xla'):
   """A drop-in for lax.conv_general_dilated (flax.linen.Conv's `conv_general_dilated`).
@@ -410,11 +420,11 @@ def conv_general_dilated(impl: str, winograd_tile: int = 4, dtype=jnp.float32,
   current default backend and the model's compute `dtype` (resolve()); so is
   `winograd_transforms`, the Winograd transforms' implementation (resolve_transforms()).
   """
-  impl = resolve(impl, dtype=dtype)
-  if impl == 'xla':
-    return lax.conv_general_dilated
   transforms(winograd_tile)  # validates the tile size early
-  native = resolve_transforms(winograd_transforms, winograd_tile, dtype)
+  in_use = transforms_in_use(impl, winograd_tile, dtype, winograd_transforms)
+  if in_use == 'n/a':
+    return lax.conv_general_dilated
+  native = in_use == 'native'
 
   def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
            dimension_numbers=None, feature_group_count=1, batch_group_count=1,

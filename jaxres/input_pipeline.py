@@ -180,7 +180,7 @@ def _load_imagefolder(root: str, image_size: int) -> Split:
   paths, labels, classes = image_files(root)
   images = np.empty((len(paths), image_size, image_size, 3), np.uint8)
   # One thread: for 32x32 images Python's per-file work, which holds the GIL, is most of
-  # the time, and a second thread only contends for it (CIFAR-10's 60,000 JPEGs: ~12 s).
+  # the time, and a second thread only contends for it (CIFAR-10's 60,000 JPEGs: ~15 s).
   for i, path in enumerate(paths):
     try:
       with open(path, 'rb') as f:

@@ -286,7 +286,9 @@ def run(config, batch_size: int, dtype: str, num_steps: int, torch_compile: bool
             'model': config.model.name,
             'params': config_lib.param_count(config)[0],
             'conv_impl': conv.resolve(config.model.conv_impl, dtype=jnp.dtype(dtype)),
-            'winograd_transforms': _transforms_name(config, dtype),
+            'winograd_transforms': conv.transforms_in_use(
+                config.model.conv_impl, config.model.winograd_tile, jnp.dtype(dtype),
+                config.model.winograd_transforms),
             'augment': config.data.augment,
             'xla_flags': os.environ.get('XLA_FLAGS', ''),
             'host_allocator': config.host_allocator,
@@ -307,15 +309,6 @@ def run(config, batch_size: int, dtype: str, num_steps: int, torch_compile: bool
   peak = _peak_device_bytes()
   result['peak_device_mb'] = peak / 2**20 if peak is not None else None
   return result
-
-
-def _transforms_name(config, dtype: str) -> str:
-  """Whose Winograd transforms the step runs: 'native', 'xla', or 'n/a' (no Winograd)."""
-  m = config.model
-  if conv.resolve(m.conv_impl, dtype=jnp.dtype(dtype)) != 'winograd':
-    return 'n/a'
-  native = conv.resolve_transforms(m.winograd_transforms, m.winograd_tile, jnp.dtype(dtype))
-  return 'native' if native else 'xla'
 
 
 def format_table(r: dict) -> str:

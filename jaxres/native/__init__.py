@@ -10,10 +10,11 @@ they cost in a train step.
 The shared library is compiled from winograd.cc with the system's C++ compiler ($CXX,
 else c++) the first time a process needs it, into a cache directory
 ($XDG_CACHE_HOME/jaxres, else ~/.cache/jaxres), named by a hash of everything that
-goes into it (source, compiler, flags, jaxlib's FFI headers, the CPU's features), so a
-build is reused by later processes and never by a machine it was not built for. Where it
-cannot be built (no compiler, not x86/ARM Linux or macOS, ...), `available()` is False
-with the reason in `unavailable_reason()`, and jaxres.conv keeps XLA's transforms.
+goes into it (source, compiler, flags, jax's version and FFI header directory, the CPU's
+features), so a build is reused by later processes and never by a machine it was not
+built for. Where it cannot be built (no compiler, neither Linux nor macOS, ...),
+`available()` is False with the reason in `unavailable_reason()`, and jaxres.conv keeps
+XLA's transforms.
 
 Only float32, F(4x4, 3x3), NHWC, the layouts of jaxres/conv.py.
 """
