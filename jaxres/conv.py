@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxres import layers
+
 IMPLS = ('auto', 'xla', 'winograd')
 TRANSFORMS = ('auto', 'xla', 'native')
 # Stride-1 convolutions other than 3x3 go to im2col when a patch has at most this many
@@ -270,27 +272,73 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, m: int = 4,
   return _winograd_fwd(x, kernel, m, precision, native)[0]
 
 
-def _winograd_fwd(x, kernel, m, precision, native):
-  n, h, w, _ = x.shape
-  to_v, _, from_m, _ = _transform_fns(m, native)
+def _winograd_products(x, kernel, m, precision, to_v):
+  """(V, U, M): the transformed input and kernel and their alpha^2 matmuls."""
   v = to_v(x)
   u = filter_transform(kernel.astype(x.dtype), m)
-  y = from_m(_bmm(v, u, 2, 1, precision), (n, h, w))
-  return y, (v, u, kernel)
+  return v, u, _bmm(v, u, 2, 1, precision)
 
 
-def _winograd_bwd(m, precision, native, res, dy):
-  v, u, kernel = res
-  _, from_v, _, to_m = _transform_fns(m, native)
-  dm = to_m(dy)
-  dx = from_v(_bmm(dm, u, 2, 2, precision), dy.shape[:3] + v.shape[-1:])
+def _winograd_grads(m, precision, from_v, v, u, kernel, dm, x_shape):
+  """(dx, dkernel) from dM, the gradient of the matmuls' products."""
+  dx = from_v(_bmm(dm, u, 2, 2, precision), x_shape)
   du = _bmm(v, dm, 1, 1, precision)
   _, filter_vjp = jax.vjp(lambda k: filter_transform(k, m), kernel.astype(du.dtype))
   (dk,) = filter_vjp(du)
   return dx, dk.astype(kernel.dtype)
 
 
+def _winograd_fwd(x, kernel, m, precision, native):
+  n, h, w, _ = x.shape
+  to_v, _, from_m, _ = _transform_fns(m, native)
+  v, u, prod = _winograd_products(x, kernel, m, precision, to_v)
+  return from_m(prod, (n, h, w)), (v, u, kernel)
+
+
+def _winograd_bwd(m, precision, native, res, dy):
+  v, u, kernel = res
+  _, from_v, _, to_m = _transform_fns(m, native)
+  return _winograd_grads(m, precision, from_v, v, u, kernel, to_m(dy),
+                         dy.shape[:3] + v.shape[-1:])
+
+
 winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)
+
+
+def winograd_conv3x3_max_pool(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+  """layers.max_pool(winograd_conv3x3(x, kernel, 4, native=True), 2) with the pooling done
+  inside jaxres.native's output transform (F(4x4, 3x3), float32, CPU).
+
+  The convolution's full-resolution output is never written: each output tile is
+  pooled where it is computed (a 2x2 window lies inside one tile), and the gradient
+  goes from the pooled gradient straight into the Winograd domain, to the pixels each
+  window's maximum came from (all of them on a tie, as layers.max_pool). Saves two
+  passes over the full-resolution activation forward and two backward.
+  """
+  return _conv_max_pool(x, kernel, precision, x.shape[1:3])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_max_pool(x, kernel, precision, size):
+  return _conv_max_pool_fwd(x, kernel, precision, size)[0]
+
+
+def _conv_max_pool_fwd(x, kernel, precision, size):
+  from jaxres import native as native_lib
+  v, u, prod = _winograd_products(x, kernel, 4, precision, native_lib.input_transform)
+  y, mask = native_lib.output_transform_pool(prod, (x.shape[0],) + tuple(size))
+  return y, (v, u, kernel, mask)
+
+
+def _conv_max_pool_bwd(precision, size, res, dy):
+  from jaxres import native as native_lib
+  v, u, kernel, mask = res
+  dm = native_lib.output_transform_pool_adjoint(dy, mask, size)
+  return _winograd_grads(4, precision, native_lib.input_transform_adjoint, v, u, kernel, dm,
+                         (dy.shape[0],) + tuple(size) + v.shape[-1:])
+
+
+_conv_max_pool.defvjp(_conv_max_pool_fwd, _conv_max_pool_bwd)
 
 
 def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, precision=None
@@ -327,8 +375,12 @@ _NHWC_HWIO = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 
 
 def _formulation(rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,
                  dimension_numbers, feature_group_count, batch_group_count,
-                 preferred_element_type, winograd_tile, native):
-  """The matmul formulation for a conv_general_dilated call, or None for XLA's conv."""
+                 preferred_element_type, winograd_tile, native, max_pool=False):
+  """The matmul formulation for a conv_general_dilated call, or None for XLA's conv.
+
+  With `max_pool`, the formulation's output is max-pooled 2x2 (layers.max_pool), in
+  the output transform itself for a Winograd convolution on native transforms.
+  """
   dn = lax.conv_dimension_numbers((1, 1, 1, 1), rhs_shape, dimension_numbers)
   plain = (dn == _NHWC_HWIO and feature_group_count == 1 and batch_group_count == 1
            and preferred_element_type is None
@@ -344,13 +396,19 @@ def _formulation(rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,
   if pads is None:
     return None
   if kernel_size == (3, 3) and pads == ((1, 1), (1, 1)) and stride == 1:
-    return lambda x, k, precision: winograd_conv3x3(x, k, winograd_tile, precision, native)
-  if kernel_size == (1, 1) and pads == ((0, 0), (0, 0)):
-    return functools.partial(strided_conv1x1, stride=stride)
-  if ((kernel_size == (3, 3) and stride > 1)
-      or (stride == 1 and rhs_shape[2] * kernel_size[0] * kernel_size[1] <= IM2COL_MAX_DEPTH)):
-    return functools.partial(im2col_conv, stride=stride, padding=pads)
-  return None
+    if max_pool and native:
+      return winograd_conv3x3_max_pool
+    fn = lambda x, k, precision: winograd_conv3x3(x, k, winograd_tile, precision, native)
+  elif kernel_size == (1, 1) and pads == ((0, 0), (0, 0)):
+    fn = functools.partial(strided_conv1x1, stride=stride)
+  elif ((kernel_size == (3, 3) and stride > 1)
+        or (stride == 1 and rhs_shape[2] * kernel_size[0] * kernel_size[1] <= IM2COL_MAX_DEPTH)):
+    fn = functools.partial(im2col_conv, stride=stride, padding=pads)
+  else:
+    return None
+  if max_pool:
+    return lambda x, k, precision: layers.max_pool(fn(x, k, precision=precision), 2)
+  return fn
 
 
 def resolve(impl: str, backend: Optional[str] = None, dtype=jnp.float32) -> str:
@@ -410,7 +468,7 @@ def transforms_in_use(impl: str, winograd_tile: int = 4, dtype=jnp.float32,
 
 
 def conv_general_dilated(impl: str, winograd_tile: int = 4, dtype=jnp.float32,
-                         winograd_transforms: str = 'xla'):
+                         winograd_transforms: str = 'xla', max_pool: bool = False):
   """A drop-in for lax.conv_general_dilated (flax.linen.Conv's `conv_general_dilated`).
 
   impl 'xla' is lax.conv_general_dilated itself; 'winograd' routes 3x3 stride-1
@@ -419,25 +477,30 @@ def conv_general_dilated(impl: str, winograd_tile: int = 4, dtype=jnp.float32,
   convolution to lax.conv_general_dilated. 'auto' is resolved here, for the
   current default backend and the model's compute `dtype` (resolve()); so is
   `winograd_transforms`, the Winograd transforms' implementation (resolve_transforms()).
+  `max_pool`: the convolution followed by 2x2 max pooling (layers.max_pool), fused
+  into the output transform where the convolution is Winograd on native transforms
+  (winograd_conv3x3_max_pool).
   """
   transforms(winograd_tile)  # validates the tile size early
   in_use = transforms_in_use(impl, winograd_tile, dtype, winograd_transforms)
-  if in_use == 'n/a':
-    return lax.conv_general_dilated
   native = in_use == 'native'
 
   def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
            dimension_numbers=None, feature_group_count=1, batch_group_count=1,
            precision=None, preferred_element_type=None):
-    formulation = _formulation(rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
-                               dimension_numbers, feature_group_count, batch_group_count,
-                               preferred_element_type, winograd_tile, native)
+    formulation = None if in_use == 'n/a' else _formulation(
+        rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, preferred_element_type, winograd_tile, native,
+        max_pool)
     if formulation is not None:
       return formulation(lhs, rhs, precision=precision)
-    return lax.conv_general_dilated(
+    y = lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
         precision=precision, preferred_element_type=preferred_element_type)
+    return layers.max_pool(y, 2) if max_pool else y
 
+  if in_use == 'n/a' and not max_pool:
+    return lax.conv_general_dilated
   return conv

@@ -38,10 +38,11 @@ class BasicBlock(nn.Module):
     return nn.relu(y + x)
 
 
-def _conv_general_dilated(module: nn.Module):
-  """The convolution a model's conv_impl, winograd_tile, dtype, winograd_transforms pick."""
+def _conv_general_dilated(module: nn.Module, max_pool: bool = False):
+  """The convolution a model's conv_impl, winograd_tile, dtype, winograd_transforms pick
+  (followed by 2x2 max pooling with `max_pool`: conv_lib.conv_general_dilated)."""
   return conv_lib.conv_general_dilated(module.conv_impl, module.winograd_tile, module.dtype,
-                                       module.winograd_transforms)
+                                       module.winograd_transforms, max_pool)
 
 
 class ResNet(nn.Module):
@@ -100,18 +101,26 @@ def dirac_kernel_init(base_init=layers.torch_kernel_init):
 
 
 class ConvGroup(nn.Module):
-  """conv3x3 -> maxpool 2 -> BN -> act -> conv3x3 -> BN (+ residual) -> act."""
+  """conv3x3 -> maxpool 2 -> BN -> act -> conv3x3 -> BN (+ residual) -> act.
+
+  `conv_pool`, where given, is a convolution module that max-pools its output 2x2
+  itself (a conv_general_dilated with max_pool=True): it replaces conv1 and the pool.
+  """
 
   features: int
   conv: Any
   norm: Any
   act: Any
   residual: bool = True
+  conv_pool: Any = None
 
   @nn.compact
   def __call__(self, x):
-    x = self.conv(self.features, (3, 3), padding=PADDING_3X3, name='conv1')(x)
-    x = layers.max_pool(x, 2)
+    if self.conv_pool is not None:
+      x = self.conv_pool(self.features, (3, 3), padding=PADDING_3X3, name='conv1')(x)
+    else:
+      x = self.conv(self.features, (3, 3), padding=PADDING_3X3, name='conv1')(x)
+      x = layers.max_pool(x, 2)
     x = self.act(self.norm(name='norm1')(x))
     y = self.conv(self.features, (3, 3), padding=PADDING_3X3, name='conv2')(x)
     y = self.norm(name='norm2')(y)
@@ -146,6 +155,7 @@ class WhitenedResNet(nn.Module):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              kernel_init=dirac_kernel_init(),
                              conv_general_dilated=_conv_general_dilated(self))
+    conv_pool = functools.partial(conv, conv_general_dilated=_conv_general_dilated(self, True))
     norm = functools.partial(layers.BatchNorm, use_running_average=not train, use_scale=False,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              num_groups=self.bn_groups if train else 1, dtype=self.dtype)
@@ -156,7 +166,8 @@ class WhitenedResNet(nn.Module):
                 conv_general_dilated=_conv_general_dilated(self), name='whiten')(x)
     x = act(x)
     for i, features in enumerate(self.widths):
-      x = ConvGroup(features, conv, norm, act, self.residual, name=f'group{i + 1}')(x)
+      x = ConvGroup(features, conv, norm, act, self.residual, conv_pool,
+                    name=f'group{i + 1}')(x)
     x = jnp.max(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype,
                  kernel_init=layers.torch_kernel_init, name='linear')(x)

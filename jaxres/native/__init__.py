@@ -39,6 +39,8 @@ TARGETS = {  # jax.ffi target name: symbol in winograd.cc
     'jaxres_winograd_input_adjoint': 'JaxresInputTransformAdjoint',
     'jaxres_winograd_output': 'JaxresOutputTransform',
     'jaxres_winograd_output_adjoint': 'JaxresOutputTransformAdjoint',
+    'jaxres_winograd_output_pool': 'JaxresOutputPoolTransform',
+    'jaxres_winograd_output_pool_adjoint': 'JaxresOutputPoolTransformAdjoint',
 }
 ALPHA2 = 36  # Winograd coordinates of F(4x4, 3x3)
 TILE = 4
@@ -132,14 +134,18 @@ def _threads() -> int:
     return os.cpu_count() or 1
 
 
-def _call(target: str, x: jax.Array, shape) -> jax.Array:
+def _call(target: str, x: jax.Array, shape, *args, **attrs):
+  """The custom call `target` on float32 `x` (and `args`): a result of `shape`, or
+  results of the shapes and dtypes `shape` lists."""
   reason = unavailable_reason()
   if reason is not None:
     raise RuntimeError(reason)
   if x.dtype != np.float32:
     raise TypeError(f'native Winograd transforms take float32, not {x.dtype}')
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(shape), x.dtype))(
-      x, threads=np.int64(_threads()))
+  results = (jax.ShapeDtypeStruct(tuple(shape), x.dtype) if not isinstance(shape, list)
+             else [jax.ShapeDtypeStruct(tuple(s), d) for s, d in shape])
+  attrs = {name: np.int64(value) for name, value in attrs.items()}
+  return jax.ffi.ffi_call(target, results)(x, *args, threads=np.int64(_threads()), **attrs)
 
 
 def _tiles(n: int, h: int, w: int) -> int:
@@ -166,3 +172,26 @@ def output_transform_adjoint(dy: jax.Array) -> jax.Array:
   """jaxres.conv.output_transform_adjoint(dy, 4): (N, H, W, K) -> (36, N T S, K)."""
   n, h, w, k = dy.shape
   return _call('jaxres_winograd_output_adjoint', dy, (ALPHA2, _tiles(n, h, w), k))
+
+
+def output_transform_pool(m: jax.Array, shape) -> tuple[jax.Array, jax.Array]:
+  """jaxres.layers.max_pool(output_transform(m, (N, H, W)), 2) in one pass over the tiles,
+  and which pixels of each 2x2 window equal its maximum (uint8 bits 1, 2, 4, 8 for
+  pixels (0, 0), (0, 1), (1, 0), (1, 1)): (36, N T S, K) -> (N, H / 2, W / 2, K) twice.
+  """
+  n, h, w = shape
+  pooled = (n, h // 2, w // 2, m.shape[-1])
+  return tuple(_call('jaxres_winograd_output_pool', m, [(pooled, np.float32), (pooled, np.uint8)],
+                     h=h, w=w))
+
+
+def output_transform_pool_adjoint(dy: jax.Array, mask: jax.Array, size) -> jax.Array:
+  """The gradient of output_transform_pool's pooled output with respect to `m`: each
+  pooled gradient goes to every pixel `mask` marks (as jaxres.layers.max_pool's
+  gradient), then output_transform_adjoint. dy, mask (N, H / 2, W / 2, K) -> (36, N T S, K)
+  for the convolution's output size (H, W).
+  """
+  h, w = size
+  n, k = dy.shape[0], dy.shape[-1]
+  return _call('jaxres_winograd_output_pool_adjoint', dy, (ALPHA2, _tiles(n, h, w), k), mask,
+               h=h, w=w)

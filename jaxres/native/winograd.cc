@@ -174,51 +174,121 @@ void InputAdjointImages(const float* dv, float* dx, const Shape& s, int64_t n0, 
   });
 }
 
-void OutputTiles(const float* m, float* y, const Shape& s, int64_t p0, int64_t p1) {
+// Y = A^T M A for tile p, channels k0 .. k0 + kb - 1: y[i][j] is output pixel
+// (4 t + i, 4 u + j).
+inline void OutputTile(const float* m, const Shape& s, int64_t p, int64_t k0, int kb,
+                       float (*y)[4][KB]) {
   alignas(64) float rows[4][6][KB];  // [output row i][coordinate b]
   alignas(64) float tmp[4][KB];
-  alignas(64) float out[4][KB];
   const int64_t stride = s.p * s.c;
+  const float* base = m + p * s.c + k0;
+  for (int b = 0; b < 6; ++b) {  // A^T along H (coordinate a)
+    const float* r = base + b * stride;
+    at4(r, r + 6 * stride, r + 12 * stride, r + 18 * stride, r + 24 * stride,
+        r + 30 * stride, tmp, kb);
+    for (int i = 0; i < 4; ++i) std::memcpy(rows[i][b], tmp[i], kb * sizeof(float));
+  }
+  for (int i = 0; i < 4; ++i)  // A^T along W
+    at4(rows[i][0], rows[i][1], rows[i][2], rows[i][3], rows[i][4], rows[i][5], y[i], kb);
+}
+
+// dM = A dY A^T for tile p, channels k0 .. k0 + kb - 1, from d[i][j] -> kb floats of
+// the output gradient at pixel (4 t + i, 4 u + j).
+inline void OutputAdjointTile(const float* const (&d)[4][4], float* dm, const Shape& s,
+                              int64_t p, int64_t k0, int kb) {
+  alignas(64) float rows[4][6][KB];  // [output row i][coordinate b]
+  alignas(64) float out[6][KB];
+  const int64_t stride = s.p * s.c;
+  for (int i = 0; i < 4; ++i)  // A along W, for each output row of the tile
+    a6(d[i][0], d[i][1], d[i][2], d[i][3], rows[i], kb);
+  for (int b = 0; b < 6; ++b) {  // A along H
+    a6(rows[0][b], rows[1][b], rows[2][b], rows[3][b], out, kb);
+    for (int a = 0; a < 6; ++a)
+      std::memcpy(dm + (6 * a + b) * stride + p * s.c + k0, out[a], kb * sizeof(float));
+  }
+}
+
+void OutputTiles(const float* m, float* y, const Shape& s, int64_t p0, int64_t p1) {
+  alignas(64) float tile[4][4][KB];
   ForTileBlocks(s, p0, p1, [&](int64_t n, int64_t t, int64_t u, int64_t p, int64_t k0, int kb) {
-    const float* base = m + p * s.c + k0;
-    for (int b = 0; b < 6; ++b) {  // A^T along H (coordinate a)
-      const float* r = base + b * stride;
-      at4(r, r + 6 * stride, r + 12 * stride, r + 18 * stride, r + 24 * stride,
-          r + 30 * stride, tmp, kb);
-      for (int i = 0; i < 4; ++i) std::memcpy(rows[i][b], tmp[i], kb * sizeof(float));
-    }
-    for (int i = 0; i < 4; ++i) {  // A^T along W
-      const int64_t yy = 4 * t + i;
-      if (yy >= s.h) break;
-      at4(rows[i][0], rows[i][1], rows[i][2], rows[i][3], rows[i][4], rows[i][5], out, kb);
-      for (int j = 0; j < 4; ++j) {
-        const int64_t xx = 4 * u + j;
-        if (xx >= s.w) break;
-        std::memcpy(y + ((n * s.h + yy) * s.w + xx) * s.c + k0, out[j], kb * sizeof(float));
-      }
-    }
+    OutputTile(m, s, p, k0, kb, tile);
+    for (int i = 0; i < 4 && 4 * t + i < s.h; ++i)
+      for (int j = 0; j < 4 && 4 * u + j < s.w; ++j)
+        std::memcpy(y + ((n * s.h + 4 * t + i) * s.w + 4 * u + j) * s.c + k0, tile[i][j],
+                    kb * sizeof(float));
   });
 }
 
 void OutputAdjointTiles(const float* dy, float* dm, const Shape& s, int64_t p0, int64_t p1) {
-  alignas(64) float rows[4][6][KB];  // [output row i][coordinate b]
-  alignas(64) float out[6][KB];
-  const int64_t stride = s.p * s.c;
   ForTileBlocks(s, p0, p1, [&](int64_t n, int64_t t, int64_t u, int64_t p, int64_t k0, int kb) {
-    for (int i = 0; i < 4; ++i) {  // A along W, for each output row of the tile
-      const int64_t yy = 4 * t + i;
-      const float* d[4];
+    const float* d[4][4];
+    for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) {
-        const int64_t xx = 4 * u + j;
-        d[j] = (yy >= s.h || xx >= s.w) ? kZeros : dy + ((n * s.h + yy) * s.w + xx) * s.c + k0;
+        const int64_t yy = 4 * t + i, xx = 4 * u + j;
+        d[i][j] = (yy >= s.h || xx >= s.w) ? kZeros : dy + ((n * s.h + yy) * s.w + xx) * s.c + k0;
       }
-      a6(d[0], d[1], d[2], d[3], rows[i], kb);
-    }
-    for (int b = 0; b < 6; ++b) {  // A along H
-      a6(rows[0][b], rows[1][b], rows[2][b], rows[3][b], out, kb);
-      for (int a = 0; a < 6; ++a)
-        std::memcpy(dm + (6 * a + b) * stride + p * s.c + k0, out[a], kb * sizeof(float));
-    }
+    OutputAdjointTile(d, dm, s, p, k0, kb);
+  });
+}
+
+// The output transform followed by 2x2 max pooling (stride 2, a remainder row or column
+// of the H x W output dropped): y (N, H / 2, W / 2, K) and, per pooled value, which of
+// its window's four pixels (bit 2 r + c for pixel (r, c)) equal the maximum. A 2x2
+// window never straddles two output tiles (they start at multiples of 4).
+void OutputPoolTiles(const float* m, float* y, uint8_t* mask, const Shape& s, int64_t p0,
+                     int64_t p1) {
+  alignas(64) float tile[4][4][KB];
+  const int64_t hp = s.h / 2, wp = s.w / 2;
+  ForTileBlocks(s, p0, p1, [&](int64_t n, int64_t t, int64_t u, int64_t p, int64_t k0, int kb) {
+    OutputTile(m, s, p, k0, kb, tile);
+    for (int qi = 0; qi < 2 && 2 * t + qi < hp; ++qi)
+      for (int qj = 0; qj < 2 && 2 * u + qj < wp; ++qj) {
+        const int64_t at = ((n * hp + 2 * t + qi) * wp + 2 * u + qj) * s.c + k0;
+        const float* a = tile[2 * qi][2 * qj];
+        const float* b = tile[2 * qi][2 * qj + 1];
+        const float* c = tile[2 * qi + 1][2 * qj];
+        const float* d = tile[2 * qi + 1][2 * qj + 1];
+        for (int k = 0; k < kb; ++k) {
+          const float v = std::max(std::max(a[k], b[k]), std::max(c[k], d[k]));
+          y[at + k] = v;
+          mask[at + k] = static_cast<uint8_t>((a[k] == v) | ((b[k] == v) << 1) |
+                                              ((c[k] == v) << 2) | ((d[k] == v) << 3));
+        }
+      }
+  });
+}
+
+// The adjoint of OutputPoolTiles: each pooled gradient goes to every pixel of its
+// window that `mask` marks (as jaxres.layers.max_pool's gradient), then dM = A dY A^T.
+void OutputPoolAdjointTiles(const float* dy, const uint8_t* mask, float* dm, const Shape& s,
+                            int64_t p0, int64_t p1) {
+  alignas(64) float grad[4][4][KB];
+  const int64_t hp = s.h / 2, wp = s.w / 2;
+  const float* d[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) d[i][j] = grad[i][j];
+  ForTileBlocks(s, p0, p1, [&](int64_t n, int64_t t, int64_t u, int64_t p, int64_t k0, int kb) {
+    for (int qi = 0; qi < 2; ++qi)
+      for (int qj = 0; qj < 2; ++qj) {
+        float* a = grad[2 * qi][2 * qj];
+        float* b = grad[2 * qi][2 * qj + 1];
+        float* c = grad[2 * qi + 1][2 * qj];
+        float* e = grad[2 * qi + 1][2 * qj + 1];
+        if (2 * t + qi >= hp || 2 * u + qj >= wp) {
+          for (float* r : {a, b, c, e}) std::memset(r, 0, kb * sizeof(float));
+          continue;
+        }
+        const int64_t at = ((n * hp + 2 * t + qi) * wp + 2 * u + qj) * s.c + k0;
+        for (int k = 0; k < kb; ++k) {
+          const float g = dy[at + k];
+          const uint8_t bits = mask[at + k];
+          a[k] = (bits & 1) ? g : 0.f;
+          b[k] = (bits & 2) ? g : 0.f;
+          c[k] = (bits & 4) ? g : 0.f;
+          e[k] = (bits & 8) ? g : 0.f;
+        }
+      }
+    OutputAdjointTile(d, dm, s, p, k0, kb);
   });
 }
 
@@ -244,6 +314,41 @@ constexpr auto InputTransformAdjointImpl = Run<InputAdjointImages, true, true>;
 constexpr auto OutputTransformImpl = Run<OutputTiles, true, false>;
 constexpr auto OutputTransformAdjointImpl = Run<OutputAdjointTiles, false, false>;
 
+// The pooling transforms: `pooled` is (N, H / 2, W / 2, K); the convolution's output is
+// N x h x w (attributes: h or w odd drops a remainder row or column).
+ffi::Error PoolShape(ffi::Span<const int64_t> pooled, int64_t h, int64_t w, Shape* s) {
+  if (pooled.size() != 4 || pooled[1] != h / 2 || pooled[2] != w / 2)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "jaxres Winograd pooling transform: the pooled activation must be "
+                      "(N, h / 2, w / 2, K)");
+  *s = MakeShape(pooled[0], h, w, pooled[3]);
+  return ffi::Error::Success();
+}
+
+ffi::Error OutputPoolTransformImpl(ffi::Buffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> y,
+                                   ffi::ResultBuffer<ffi::U8> mask, int64_t threads, int64_t h,
+                                   int64_t w) {
+  Shape s;
+  ffi::Error error = PoolShape(y->dimensions(), h, w, &s);
+  if (error.failure()) return error;
+  Parallel(s.p, threads, [&](int64_t a, int64_t b) {
+    OutputPoolTiles(m.typed_data(), y->typed_data(), mask->typed_data(), s, a, b);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error OutputPoolTransformAdjointImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::U8> mask,
+                                          ffi::ResultBuffer<ffi::F32> dm, int64_t threads,
+                                          int64_t h, int64_t w) {
+  Shape s;
+  ffi::Error error = PoolShape(dy.dimensions(), h, w, &s);
+  if (error.failure()) return error;
+  Parallel(s.p, threads, [&](int64_t a, int64_t b) {
+    OutputPoolAdjointTiles(dy.typed_data(), mask.typed_data(), dm->typed_data(), s, a, b);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define JAXRES_TRANSFORM(name, impl)                                              \
@@ -257,3 +362,20 @@ JAXRES_TRANSFORM(JaxresInputTransform, InputTransformImpl)
 JAXRES_TRANSFORM(JaxresInputTransformAdjoint, InputTransformAdjointImpl)
 JAXRES_TRANSFORM(JaxresOutputTransform, OutputTransformImpl)
 JAXRES_TRANSFORM(JaxresOutputTransformAdjoint, OutputTransformAdjointImpl)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOutputPoolTransform, OutputPoolTransformImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("h")
+                                  .Attr<int64_t>("w"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxresOutputPoolTransformAdjoint, OutputPoolTransformAdjointImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("h")
+                                  .Attr<int64_t>("w"));
