@@ -22,6 +22,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -86,6 +90,40 @@ inline void a6(const float* y0, const float* y1, const float* y2, const float* y
   }
 }
 
+// dst[0 .. kb) = src[0 .. kb) (src 32-byte aligned). Where dst starts a cache line and
+// kb fills whole lines, with non-temporal stores: the transforms' results (hundreds of
+// MB) are read back only by the next op, long after they would have left the cache,
+// and ordinary stores would first read every destination line from memory (2x faster
+// for fast.py's output adjoints). Writers call Fence() when done.
+inline void Store(float* dst, const float* src, int kb) {
+#if defined(__AVX__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0 && kb % 16 == 0) {
+    for (int k = 0; k < kb; k += 8) _mm256_stream_ps(dst + k, _mm256_load_ps(src + k));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, kb * sizeof(float));
+}
+
+// The same for bytes.
+inline void StoreBytes(uint8_t* dst, const uint8_t* src, int kb) {
+#if defined(__AVX__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0 && kb % 64 == 0) {
+    for (int k = 0; k < kb; k += 32)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + k),
+                          _mm256_load_si256(reinterpret_cast<const __m256i*>(src + k)));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, kb);
+}
+
+inline void Fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 struct Shape {
   int64_t n, h, w, c, th, tw, p;
 };
@@ -139,10 +177,10 @@ void InputTiles(const float* x, float* v, const Shape& s, int64_t p0, int64_t p1
     }
     for (int b = 0; b < 6; ++b) {  // B^T along H
       bt6(rows[0][b], rows[1][b], rows[2][b], rows[3][b], rows[4][b], rows[5][b], out, kb);
-      for (int a = 0; a < 6; ++a)
-        std::memcpy(v + (6 * a + b) * stride + p * s.c + k0, out[a], kb * sizeof(float));
+      for (int a = 0; a < 6; ++a) Store(v + (6 * a + b) * stride + p * s.c + k0, out[a], kb);
     }
   });
+  Fence();
 }
 
 // Images n0 .. n1 - 1 whole (their tiles overlap each other, not other images').
@@ -203,8 +241,7 @@ inline void OutputAdjointTile(const float* const (&d)[4][4], float* dm, const Sh
     a6(d[i][0], d[i][1], d[i][2], d[i][3], rows[i], kb);
   for (int b = 0; b < 6; ++b) {  // A along H
     a6(rows[0][b], rows[1][b], rows[2][b], rows[3][b], out, kb);
-    for (int a = 0; a < 6; ++a)
-      std::memcpy(dm + (6 * a + b) * stride + p * s.c + k0, out[a], kb * sizeof(float));
+    for (int a = 0; a < 6; ++a) Store(dm + (6 * a + b) * stride + p * s.c + k0, out[a], kb);
   }
 }
 
@@ -214,9 +251,9 @@ void OutputTiles(const float* m, float* y, const Shape& s, int64_t p0, int64_t p
     OutputTile(m, s, p, k0, kb, tile);
     for (int i = 0; i < 4 && 4 * t + i < s.h; ++i)
       for (int j = 0; j < 4 && 4 * u + j < s.w; ++j)
-        std::memcpy(y + ((n * s.h + 4 * t + i) * s.w + 4 * u + j) * s.c + k0, tile[i][j],
-                    kb * sizeof(float));
+        Store(y + ((n * s.h + 4 * t + i) * s.w + 4 * u + j) * s.c + k0, tile[i][j], kb);
   });
+  Fence();
 }
 
 void OutputAdjointTiles(const float* dy, float* dm, const Shape& s, int64_t p0, int64_t p1) {
@@ -229,6 +266,7 @@ void OutputAdjointTiles(const float* dy, float* dm, const Shape& s, int64_t p0, 
       }
     OutputAdjointTile(d, dm, s, p, k0, kb);
   });
+  Fence();
 }
 
 // The output transform followed by 2x2 max pooling (stride 2, a remainder row or column
@@ -238,6 +276,8 @@ void OutputAdjointTiles(const float* dy, float* dm, const Shape& s, int64_t p0, 
 void OutputPoolTiles(const float* m, float* y, uint8_t* mask, const Shape& s, int64_t p0,
                      int64_t p1) {
   alignas(64) float tile[4][4][KB];
+  alignas(64) float pooled[KB];
+  alignas(64) uint8_t bits[KB];
   const int64_t hp = s.h / 2, wp = s.w / 2;
   ForTileBlocks(s, p0, p1, [&](int64_t n, int64_t t, int64_t u, int64_t p, int64_t k0, int kb) {
     OutputTile(m, s, p, k0, kb, tile);
@@ -250,12 +290,15 @@ void OutputPoolTiles(const float* m, float* y, uint8_t* mask, const Shape& s, in
         const float* d = tile[2 * qi + 1][2 * qj + 1];
         for (int k = 0; k < kb; ++k) {
           const float v = std::max(std::max(a[k], b[k]), std::max(c[k], d[k]));
-          y[at + k] = v;
-          mask[at + k] = static_cast<uint8_t>((a[k] == v) | ((b[k] == v) << 1) |
-                                              ((c[k] == v) << 2) | ((d[k] == v) << 3));
+          pooled[k] = v;
+          bits[k] = static_cast<uint8_t>((a[k] == v) | ((b[k] == v) << 1) |
+                                         ((c[k] == v) << 2) | ((d[k] == v) << 3));
         }
+        Store(y + at, pooled, kb);
+        StoreBytes(mask + at, bits, kb);
       }
   });
+  Fence();
 }
 
 // The adjoint of OutputPoolTiles: each pooled gradient goes to every pixel of its
@@ -290,6 +333,7 @@ void OutputPoolAdjointTiles(const float* dy, const uint8_t* mask, float* dm, con
       }
     OutputAdjointTile(d, dm, s, p, k0, kb);
   });
+  Fence();
 }
 
 using Kernel = void (*)(const float*, float*, const Shape&, int64_t, int64_t);
