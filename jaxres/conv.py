@@ -32,6 +32,9 @@ The four transforms are XLA ops, or with winograd_transforms='native' the loops 
 jaxres/native/winograd.cc (F(4x4, 3x3) in float32 on CPU; 1.8x faster in fast.py's step,
 BENCHMARKS.md), called
 through XLA's FFI; 'auto' picks them where they apply and build (resolve_transforms).
+On native transforms a convolution followed by 2x2 max pooling can be one op pair
+(winograd_conv3x3_max_pool, conv_general_dilated(max_pool=True)): the output transform
+pools each tile as it computes it.
 
 Anything else (dilation, groups, other layouts) goes to lax.conv_general_dilated.
 Layouts are NHWC activations and HWIO kernels, as flax.linen.Conv, so parameter trees

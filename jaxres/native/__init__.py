@@ -4,8 +4,10 @@ jaxres.conv computes every 3x3 convolution on CPU as Winograd F(4x4, 3x3): matmu
 between four data transforms (input, output and their adjoints). XLA's fusions of those
 transforms are memory-bound passes that run at about half the speed of a plain loop over
 each tile (1.8x in fast.py's step, BENCHMARKS.md); winograd.cc is that loop (one pass per
-tile over blocks of channels, on every core). `python -m tools.profile_step` shows what
-they cost in a train step.
+tile over blocks of channels, on every core, results written with non-temporal stores).
+It also has the output transform followed by 2x2 max pooling, and that pair's adjoint
+(output_transform_pool*), for jaxres.conv.winograd_conv3x3_max_pool.
+`python -m tools.profile_step` shows what they cost in a train step.
 
 The shared library is compiled from winograd.cc with the system's C++ compiler ($CXX,
 else c++) the first time a process needs it, into a cache directory

@@ -9,6 +9,9 @@
 //   input_transform_adjoint    dV (36, P, C)   -> dx (N, H, W, C) overlap-add of B dV B^T
 //   output_transform           M (36, P, K)    -> y (N, H, W, K)  Y = A^T M A
 //   output_transform_adjoint   dy (N, H, W, K) -> dM (36, P, K)   dM = A dY A^T
+//   output_transform_pool      M -> y (N, H/2, W/2, K) and a uint8 mask of each 2x2
+//                              window's maxima: output_transform, then max pooling
+//   output_transform_pool_adjoint  dy, mask (N, H/2, W/2, K) -> dM (36, P, K)
 //
 // Input tile (t, s) covers pixels 4t-1 .. 4t+4 by 4s-1 .. 4s+4 (padding 1; pixels outside
 // the image are zeros); output tile (t, s) is pixels 4t .. 4t+3 by 4s .. 4s+3, cropped to
