@@ -21,8 +21,11 @@ needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f'{native.unavailable_reason()}')
 DN = test_conv.DN
 # (N, H, W, C): partial tiles (H, W not multiples of 4), channels not a multiple of the
-# 64-channel block, one-tile images, the fast model's first layer.
-SHAPES = [(3, 5, 7, 3), (2, 8, 8, 70), (1, 3, 3, 256), (2, 31, 31, 24), (2, 15, 15, 64)]
+# 64-channel block, one-tile images, the fast model's first layer; channel counts whose
+# input transform writes groups of tiles (24, 8), one of them with a per-thread range of
+# tiles that starts mid-group (18 tiles on 2 threads).
+SHAPES = [(3, 5, 7, 3), (2, 8, 8, 70), (1, 3, 3, 256), (2, 31, 31, 24), (2, 15, 15, 64),
+          (3, 5, 9, 24), (2, 7, 7, 8)]
 
 
 def _tiles(n, h, w):

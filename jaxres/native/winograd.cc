@@ -162,10 +162,23 @@ inline void ForTileBlocks(const Shape& s, int64_t p0, int64_t p1, Fn fn) {
   }
 }
 
+// Tiles whose results InputTiles gathers per write: where one tile's channels do not
+// fill whole cache lines (fast.py's first convolution: 24 channels, 96 bytes per tile and
+// coordinate) a few consecutive tiles do (two: 192 bytes), which non-temporal stores need.
+inline int TilesPerWrite(int64_t c) {
+  if (c % 16 == 0 || c > KB) return 1;
+  for (int g = 2; g <= 4; ++g)
+    if ((g * c) % 16 == 0) return g;
+  return 1;
+}
+
 void InputTiles(const float* x, float* v, const Shape& s, int64_t p0, int64_t p1) {
   alignas(64) float rows[6][6][KB];  // [image row i][coordinate b]
   alignas(64) float out[6][KB];
+  alignas(64) float staged[36][4 * KB];  // TilesPerWrite > 1: [coordinate][tile, channel]
   const int64_t stride = s.p * s.c;
+  const int group = TilesPerWrite(s.c);
+  int64_t first = p0;  // the first tile in `staged`
   ForTileBlocks(s, p0, p1, [&](int64_t n, int64_t t, int64_t u, int64_t p, int64_t k0, int kb) {
     for (int i = 0; i < 6; ++i) {  // B^T along W, for each of the 6 rows of the tile
       const int64_t y = 4 * t - 1 + i;
@@ -180,7 +193,17 @@ void InputTiles(const float* x, float* v, const Shape& s, int64_t p0, int64_t p1
     }
     for (int b = 0; b < 6; ++b) {  // B^T along H
       bt6(rows[0][b], rows[1][b], rows[2][b], rows[3][b], rows[4][b], rows[5][b], out, kb);
-      for (int a = 0; a < 6; ++a) Store(v + (6 * a + b) * stride + p * s.c + k0, out[a], kb);
+      for (int a = 0; a < 6; ++a) {
+        if (group == 1)
+          Store(v + (6 * a + b) * stride + p * s.c + k0, out[a], kb);
+        else  // one channel block (c <= KB): k0 = 0, kb = c
+          std::memcpy(staged[6 * a + b] + (p - first) * kb, out[a], kb * sizeof(float));
+      }
+    }
+    if (group > 1 && ((p + 1) % group == 0 || p + 1 == p1)) {
+      for (int ab = 0; ab < 36; ++ab)
+        Store(v + ab * stride + first * s.c, staged[ab], static_cast<int>((p + 1 - first) * s.c));
+      first = p + 1;
     }
   });
   Fence();
