@@ -41,12 +41,11 @@ DECAY_PER_EXAMPLE = 2e-6  # decay per step = this x batch
 
 def get_config():
   config = base.get_config()
-  # What 30 minutes hold on the 2-core CPU of BENCHMARKS.md, from the time alone: with the
-  # native transforms' fused max pooling and non-temporal stores a one-epoch run took
-  # 278 s, 172 s of it the epoch (compilation included), 106 s start-up and the final
-  # evaluation; later epochs ran at 0.87x the first in run 7, so 10 epochs are
-  # estimated at ~1,630 s (1,825 s if every epoch took as long as the first).
-  config.num_epochs = 10
+  # What 30 minutes hold on the 2-core CPU of BENCHMARKS.md, from the time alone: a
+  # one-epoch run at commit 924f2e0 took 269 s, 166 s of it the epoch (compilation
+  # included), 103 s start-up and the final evaluation; later epochs ran at 0.90x the
+  # first in run 8 (0.87x in run 7), so 11 epochs are estimated at ~1,770 s.
+  config.num_epochs = 11
   config.batch_size = BATCH
   config.eval_batch_size = 1000
 
