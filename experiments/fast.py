@@ -44,7 +44,8 @@ def get_config():
   # What 30 minutes hold on the 2-core CPU of BENCHMARKS.md, from the time alone: a
   # one-epoch run at commit 924f2e0 took 269 s, 166 s of it the epoch (compilation
   # included), 103 s start-up and the final evaluation; later epochs ran at 0.90x the
-  # first in run 8 (0.87x in run 7), so 11 epochs are estimated at ~1,770 s.
+  # first in run 8 (0.87x in run 7), so 11 epochs are estimated at ~1,770 s (run 9:
+  # 1,771 s).
   config.num_epochs = 11
   config.batch_size = BATCH
   config.eval_batch_size = 1000

@@ -214,3 +214,16 @@ def test_fast_model_on_fused_pooling_matches_xla_convolutions():
   flat_native = jax.tree.leaves(results['winograd'][1])
   for (path, want), got in zip(flat_xla, flat_native):
     assert test_conv._rel(got, want) < 1e-3, jax.tree_util.keystr(path)
+
+
+@needs_native
+def test_bench_transforms_times_every_transform_of_each_convolution():
+  from tools import bench_transforms
+  convs = (('pooled', 7, 24, 8, True), ('plain', 3, 8, 16, False))
+  rows = bench_transforms.bench(batch=2, repeats=1, convs=convs)
+  assert [r['conv'] for r in rows] == ['pooled', 'plain']
+  assert set(rows[0]) == {'conv', 'shape', 'input', 'input_adjoint', 'output_pool',
+                          'output_pool_adjoint'}
+  assert set(rows[1]) == {'conv', 'shape', 'input', 'input_adjoint', 'output',
+                          'output_adjoint'}
+  assert all(t > 0 for r in rows for k, t in r.items() if k not in ('conv', 'shape'))
