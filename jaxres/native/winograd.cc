@@ -96,8 +96,8 @@ inline void a6(const float* y0, const float* y1, const float* y2, const float* y
 // dst[0 .. kb) = src[0 .. kb) (src 32-byte aligned). Where dst starts a cache line and
 // kb fills whole lines, with non-temporal stores: the transforms' results (hundreds of
 // MB) are read back only by the next op, long after they would have left the cache,
-// and ordinary stores would first read every destination line from memory (2x faster
-// for fast.py's output adjoints). Writers call Fence() when done.
+// and ordinary stores would first read every destination line from memory
+// (BENCHMARKS.md). Writers call Fence() when done.
 inline void Store(float* dst, const float* src, int kb) {
 #if defined(__AVX__)
   if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0 && kb % 16 == 0) {
