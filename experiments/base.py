@@ -110,6 +110,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval_every_epoch = True  # False: evaluate on the test set once, after training
   config.eval_tta = 'none'  # test-time augmentation: none | flip | flip_translate
+  # flip_translate's views: the flipped pair of the image at eval_tta_center_weight and of
+  # each (dy, dx) shift (reflected borders) sharing the rest; these are airbench's.
+  config.eval_tta_shifts = ((-1, -1), (1, 1))
+  config.eval_tta_center_weight = 0.5
 
   config.checkpoint_keep = 3  # latest checkpoints kept, besides the best by test accuracy
   config.resume = True

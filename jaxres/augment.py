@@ -109,6 +109,18 @@ def _shift(images: Array, dy: Array, dx: Array, max_shift: tuple[int, int],
                        pad_x - jnp.asarray(dx, jnp.int32))
 
 
+def shift(images: Array, dy: int, dx: int, mode: str = 'reflect') -> Array:
+  """out[b, y, x] = images[b, y - dy, x - dx] for static integer shifts, as _shift for
+  every image at once: the content moves dy pixels down and dx right, and the uncovered
+  border is mirrored (mode='reflect', the speed runs' translation) or zero ('constant')."""
+  pad = max(abs(dy), abs(dx))
+  if pad == 0:
+    return images
+  height, width = images.shape[1:3]
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
+  return padded[:, pad - dy:pad - dy + height, pad - dx:pad - dx + width]
+
+
 def crop(images: Array, tops: Array, lefts: Array, padding: int,
          padding_mode: str = 'constant') -> Array:
   """RandomCrop(size=(H, W), padding) with given offsets: F.crop(F.pad(img, padding), ...).

@@ -68,6 +68,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UsageError(f'config.muon.params is not a regex: {e}') from None
   _require(config.eval_tta in ('none', 'flip', 'flip_translate'),
            f'config.eval_tta must be none, flip or flip_translate, got {config.eval_tta!r}')
+  if config.eval_tta == 'flip_translate':
+    shifts, size = config.eval_tta_shifts, config.data.image_size
+    _require(len(shifts) > 0 and all(
+        len(s) == 2 and all(isinstance(v, int) and abs(v) < size for v in s) for s in shifts),
+        'config.eval_tta_shifts must be a non-empty list of (dy, dx) integer pairs smaller '
+        f'than the image, got {shifts!r}')
+    weight = config.eval_tta_center_weight
+    _require(0 <= weight <= 1, f'config.eval_tta_center_weight must be in [0, 1], got {weight!r}')
   _require(config.eval_every_epoch or config.schedule != 'plateau',
            'config.schedule=plateau steps on the test loss of every epoch: it needs '
            'config.eval_every_epoch=True')

@@ -1,11 +1,17 @@
-"""Evaluate a checkpoint on the test split.
+"""Evaluate a checkpoint on the test split (or, for a run with data.holdout, its holdout).
 
     python -m jaxres.eval --workdir DIR [--step latest|best|N] [--json]
     python -m jaxres.eval --config experiments/base.py --torch-checkpoint model.pth [--json]
 
 Reports test loss, test accuracy, per-class accuracy and the confusion matrix. The data
 source is the run's (DIR/config.json), or --config's; --data_name / --data_root
-override it (e.g. to evaluate on a local copy of CIFAR-10).
+override it (e.g. to evaluate on a local copy of CIFAR-10). A run trained with
+data.holdout > 0 is evaluated on the same held-out training images, never on the test
+set (as during training: the split for choices). --tta, --tta_shifts and
+--tta_center_weight override the test-time augmentation (config.eval_tta*), e.g. to
+compare view sets on a holdout run:
+
+    python -m jaxres.eval --workdir DIR --tta flip_translate --tta_shifts="-1,-1 1,1"
 """
 
 import functools
@@ -36,14 +42,31 @@ def _torch_state(config, model, path: str, sharding):
 
 
 def run_eval(config, state, mesh) -> dict:
-  """The evaluation report of `state` on config's test split."""
-  _, test = input_pipeline.load(config.data, config.seed)
+  """The evaluation report of `state` on config's evaluation split (the test set, or the
+  holdout of a run with data.holdout, whose report says so in 'eval_split', as
+  metrics.jsonl does: its test_* figures are the holdout's)."""
+  train, test = input_pipeline.load(config.data, config.seed)
+  _, split, split_name = input_pipeline.evaluation_split(config.data, train, test)
   model = models.create_model(config, mesh.devices.size)
-  loader = input_pipeline.eval_loader(test, config, jax.process_index(), jax.process_count(),
+  loader = input_pipeline.eval_loader(split, config, jax.process_index(), jax.process_count(),
                                       mesh.devices.size)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, tta=config.eval_tta))
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, **steps.tta_options(config)))
   sums = evaluation.evaluate(eval_fn, state, loader, parallel.data_sharding(mesh))
-  return evaluation.report(sums, test.classes)
+  result = evaluation.report(sums, split.classes)
+  if split_name != 'test':
+    result['eval_split'] = split_name
+  return result
+
+
+def parse_shifts(text: str) -> tuple[tuple[int, int], ...]:
+  """'dy,dx dy,dx ...' -> ((dy, dx), ...), for --tta_shifts."""
+  try:
+    shifts = tuple(tuple(int(v) for v in pair.split(',')) for pair in text.split())
+  except ValueError:
+    shifts = ()
+  if not shifts or any(len(s) != 2 for s in shifts):
+    raise UsageError(f'--tta_shifts must be pairs "dy,dx" separated by spaces, got {text!r}')
+  return shifts
 
 
 def command():
@@ -59,6 +82,12 @@ def command():
   json_flag = flags.DEFINE_bool('json', False, 'Print one JSON object instead of tables.')
   data_name_flag = flags.DEFINE_string('data_name', None, 'Override data.name.')
   data_root_flag = flags.DEFINE_string('data_root', None, 'Override data.root.')
+  tta_flag = flags.DEFINE_enum('tta', None, ['none', 'flip', 'flip_translate'],
+                               'Override config.eval_tta.')
+  shifts_flag = flags.DEFINE_string('tta_shifts', None,
+                                    'Override config.eval_tta_shifts: "dy,dx dy,dx ...".')
+  center_flag = flags.DEFINE_float('tta_center_weight', None,
+                                   'Override config.eval_tta_center_weight.')
 
   def main(argv):
     if len(argv) > 1:
@@ -79,6 +108,14 @@ def command():
         config.data.name = data_name_flag.value
       if data_root_flag.value:
         config.data.root = data_root_flag.value
+      if tta_flag.value:
+        config.eval_tta = tta_flag.value
+      if shifts_flag.value:
+        config.eval_tta_shifts = parse_shifts(shifts_flag.value)
+      if center_flag.value is not None:
+        if not 0 <= center_flag.value <= 1:
+          raise UsageError(f'--tta_center_weight must be in [0, 1], got {center_flag.value}')
+        config.eval_tta_center_weight = center_flag.value
     result = run_eval(config, state, mesh)
     result['checkpoint'] = step
     if parallel.is_main_process():

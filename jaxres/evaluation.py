@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from jaxres import input_pipeline, parallel
+from jaxres import input_pipeline, parallel, reporting
 
 
 def evaluate(eval_fn, state, loader: input_pipeline.Loader, sharding) -> dict:
@@ -29,10 +29,11 @@ def report(sums: dict, classes) -> dict:
 
 
 def format_report(result: dict) -> str:
-  """A readable table of a `report`."""
+  """A readable table of a `report` ('Holdout' figures where it has eval_split 'holdout')."""
   classes = list(result['per_class_accuracy'])
   width = max(len(c) for c in classes)
-  lines = [f"Test Loss: {result['test_loss']:.4f}, Test Acc: {result['test_accuracy']:.4f} "
+  name = reporting.eval_name(result)
+  lines = [f"{name} Loss: {result['test_loss']:.4f}, {name} Acc: {result['test_accuracy']:.4f} "
            f"({result['num_examples']} images)", '', 'per-class accuracy:']
   lines += [f'  {c:<{width}}  {a:.4f}' for c, a in result['per_class_accuracy'].items()]
   lines += ['', 'confusion matrix (rows: true class, columns: predicted):']

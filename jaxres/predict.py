@@ -91,9 +91,11 @@ def read_images(path: str, size: int = 32) -> tuple[list, np.ndarray]:
 
 
 def predict_labels(model, state, images: np.ndarray, batch_size: int,
-                   mean=input_pipeline.MEAN, std=input_pipeline.STD, tta: str = 'none') -> np.ndarray:
-  """Predicted class of each uint8 NHWC image (eval mode, the run's normalization)."""
-  forward = jax.jit(lambda variables, x: steps.tta_logits(model, variables, x, tta))
+                   mean=input_pipeline.MEAN, std=input_pipeline.STD, tta: str = 'none',
+                   **tta_kwargs) -> np.ndarray:
+  """Predicted class of each uint8 NHWC image (eval mode, the run's normalization;
+  `tta`, `tta_kwargs` as steps.tta_logits')."""
+  forward = jax.jit(lambda variables, x: steps.tta_logits(model, variables, x, tta, **tta_kwargs))
   labels = []
   for i in range(0, len(images), batch_size):
     x = input_pipeline.normalize(images[i:i + batch_size], mean, std)
@@ -134,7 +136,7 @@ def command():
     config, model, state, step = checkpoints.load_run(workdir_flag.value, step_flag.value, mesh)
     ids, images = read_images(input_flag.value, config.data.image_size)
     labels = predict_labels(model, state, images, batch_flag.value, tuple(config.data.mean),
-                            tuple(config.data.std), config.eval_tta)
+                            tuple(config.data.std), **steps.tta_options(config))
     write_csv(output_flag.value, ids, labels)
     print(f'wrote {len(labels)} predictions to {output_flag.value} (checkpoint {step})')
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxres import optim
+from jaxres import augment, optim
 from jaxres.train_state import TrainState
 
 
@@ -115,12 +115,31 @@ def create_lookahead(config, steps_per_epoch: int):
                    every=la.every, decay=la.decay, power=la.power)
 
 
-def tta_logits(model: nn.Module, variables, images, tta: str = 'none'):
+# airbench's flip-and-translate test-time augmentation: the unshifted pair of views at
+# weight 0.5, the pairs shifted one pixel up-left and one down-right at 0.25 each.
+AIRBENCH_SHIFTS = ((-1, -1), (1, 1))
+AIRBENCH_CENTER_WEIGHT = 0.5
+
+
+def tta_options(config) -> dict:
+  """tta_logits' keyword arguments from config.eval_tta, eval_tta_shifts and
+  eval_tta_center_weight (the latter two absent from configs older than them: defaults)."""
+  shifts = config.get('eval_tta_shifts', AIRBENCH_SHIFTS)
+  return {'tta': config.eval_tta,
+          'shifts': tuple((int(dy), int(dx)) for dy, dx in shifts),
+          'center_weight': float(config.get('eval_tta_center_weight', AIRBENCH_CENTER_WEIGHT))}
+
+
+def tta_logits(model: nn.Module, variables, images, tta: str = 'none',
+               shifts: Sequence[tuple[int, int]] = AIRBENCH_SHIFTS,
+               center_weight: float = AIRBENCH_CENTER_WEIGHT):
   """Eval-mode logits, averaged over test-time augmentations of NHWC `images`.
 
-  none: the images. flip: the mean of the image and its mirror. flip_translate: half the
-  flip logits plus a quarter each of the flip logits of the image shifted one pixel up-left
-  and one pixel down-right (reflect padding), as the airbench speed runs do.
+  none: the images. flip: the mean of the image and its mirror. flip_translate: the flip
+  logits of the image at `center_weight`, plus the flip logits of each of `shifts`
+  ((dy, dx): the content moved dy pixels down and dx right, borders reflected, as
+  augment.shift) sharing the rest equally; the defaults are the airbench speed runs' six
+  views.
   """
   forward = lambda x: model.apply(variables, x, train=False)
   mirror = lambda x: 0.5 * (forward(x) + forward(jnp.flip(x, axis=2)))
@@ -129,19 +148,22 @@ def tta_logits(model: nn.Module, variables, images, tta: str = 'none'):
   if tta == 'flip':
     return mirror(images)
   if tta == 'flip_translate':
-    h, w = images.shape[1:3]
-    padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
-    shifted = (padded[:, :h, :w], padded[:, 2:h + 2, 2:w + 2])
-    return 0.5 * mirror(images) + 0.25 * (mirror(shifted[0]) + mirror(shifted[1]))
+    weight = (1 - center_weight) / len(shifts)
+    logits = center_weight * mirror(images)
+    for dy, dx in shifts:
+      logits = logits + weight * mirror(augment.shift(images, dy, dx))
+    return logits
   raise ValueError(f'unknown test-time augmentation {tta!r}')
 
 
-def eval_step(state: TrainState, batch: dict, *, model: nn.Module, tta: str = 'none') -> dict:
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module, tta: str = 'none',
+              **tta_kwargs) -> dict:
   """Metric sums on `batch` in eval mode; rows with mask 0 (padding) do not count.
 
-  Also returns the batch's confusion matrix (rows: true class, columns: predicted).
+  Logits are tta_logits' (`tta`, `tta_kwargs`: shifts, center_weight). Also returns
+  the batch's confusion matrix (rows: true class, columns: predicted).
   """
-  logits = tta_logits(model, state.variables, batch['image'], tta)
+  logits = tta_logits(model, state.variables, batch['image'], tta, **tta_kwargs)
   losses = cross_entropy(logits, batch['label'])
   mask = batch.get('mask')
   metrics = _sums(logits, batch['label'], losses, mask)
@@ -179,7 +201,6 @@ def device_batch(data: dict, indices, key, epoch, *, policy: str, mean, std) -> 
   If `data` holds per-image 'flip' bits, images are also mirrored by alternating flips
   (augment.alternating_hflip) for `epoch`.
   """
-  from jaxres import augment
   images = augment.augment(key, data['image'][indices], policy)
   if 'flip' in data:
     images = augment.alternating_hflip(images, data['flip'][indices], epoch)

@@ -233,7 +233,7 @@ def _train(config, workdir, mesh, num_params, train_split, eval_split, split_nam
   sync_fn = jax.jit(lookahead.sync, donate_argnums=0) if lookahead else None
   eval_loader = input_pipeline.eval_loader(eval_split, config, jax.process_index(),
                                            jax.process_count(), num_devices)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, tta=config.eval_tta))
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, **steps.tta_options(config)))
   plateau_fn = jax.jit(functools.partial(steps.plateau_step, plateau=plateau,
                                          base_learning_rate=config.learning_rate))
 

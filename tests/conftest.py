@@ -71,6 +71,16 @@ def smoke_run(run_cli, tmp_path_factory):
   return workdir, proc
 
 
+@pytest.fixture(scope='session')
+def holdout_run(run_cli, tmp_path_factory):
+  """A finished one-epoch smoke run that held out 200 training images: (workdir, proc)."""
+  workdir = tmp_path_factory.mktemp('holdout') / 'run'
+  proc = run_cli('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', workdir,
+                 '--config.data.holdout=200', '--config.num_epochs=1')
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return workdir, proc
+
+
 def read_metrics(workdir, drop_timing=False):
   """metrics.jsonl's records; drop_timing removes the keys that differ run to run."""
   path = Path(workdir) / 'metrics.jsonl'

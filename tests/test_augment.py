@@ -118,6 +118,16 @@ def test_translate_is_torchvision_affine(height, width):
   np.testing.assert_array_equal(bounded(images[:4], dx[:4], dy[:4], 3), expected[:4])
 
 
+@pytest.mark.parametrize('mode', ['reflect', 'constant'])
+def test_static_shift_is_the_per_image_shift(mode):
+  images = _float_images(3, 20, 27)
+  for dy, dx in [(0, 0), (1, -1), (-2, 0), (0, 3), (4, 4)]:
+    expected = augment._shift(images, np.full(3, dy), np.full(3, dx), (4, 4), mode)
+    np.testing.assert_array_equal(augment.shift(images, dy, dx, mode), expected)
+  # The content moves down and right: row 0 of the image is row 1 of the shifted one.
+  np.testing.assert_array_equal(augment.shift(images, 1, 0)[:, 1:], images[:, :-1])
+
+
 # Angles of the seed's range, its ends, and angles where pixel centres land exactly on
 # grid points (multiples of 90 degrees) or on rounding ties.
 ANGLES = (0.0, 15.0, -15.0, 7.3, -11.91, 1e-3, 45.0, 90.0, -90.0, 180.0, 30.0, -2.5)

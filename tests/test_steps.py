@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from experiments import smoke
-from jaxres import models, optim, steps, train_state
+from jaxres import config_lib, models, optim, steps, train_state
+from jaxres.errors import UsageError
 
 
 def _state(config):
@@ -59,8 +60,43 @@ def test_tta_views():
   expected = 0.5 * mirror(images) + 0.25 * (mirror(up_left) + mirror(down_right))
   np.testing.assert_allclose(jax.jit(functools.partial(logits, tta='flip_translate'))(images),
                              expected, rtol=1e-5, atol=1e-6)
+  # Other shifts and weights: the centre pair at center_weight, the shifts sharing the rest.
+  padded = jnp.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode='reflect')
+  two_down, left = padded[:, :32, 2:34], padded[:, 2:34, 3:35]
+  expected = 0.4 * mirror(images) + 0.3 * (mirror(two_down) + mirror(left))
+  other = functools.partial(logits, tta='flip_translate', shifts=((2, 0), (0, -1)),
+                            center_weight=0.4)
+  np.testing.assert_allclose(jax.jit(other)(images), expected, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError):
     steps.tta_logits(model, state.variables, images, 'rotate')
+
+
+def test_tta_options_from_config():
+  config = _tiny_config()
+  assert steps.tta_options(config) == {'tta': 'none', 'shifts': ((-1, -1), (1, 1)),
+                                       'center_weight': 0.5}
+  config.eval_tta, config.eval_tta_shifts = 'flip_translate', [[0, 2], [-2, 0]]  # from JSON
+  config.eval_tta_center_weight = 0.25
+  assert steps.tta_options(config) == {'tta': 'flip_translate', 'shifts': ((0, 2), (-2, 0)),
+                                       'center_weight': 0.25}
+  old = _tiny_config()  # a run's config from before eval_tta_shifts: airbench's views
+  del old['eval_tta_shifts'], old['eval_tta_center_weight']
+  assert steps.tta_options(old)['shifts'] == steps.AIRBENCH_SHIFTS
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('eval_tta_shifts', (), 'eval_tta_shifts must be'),
+    ('eval_tta_shifts', ((1, 1, 1),), 'eval_tta_shifts must be'),
+    ('eval_tta_shifts', ((0, 32),), 'eval_tta_shifts must be'),
+    ('eval_tta_shifts', ((0.5, 1),), 'eval_tta_shifts must be'),
+    ('eval_tta_center_weight', 1.5, 'eval_tta_center_weight must be in'),
+])
+def test_tta_config_is_checked(field, value, message):
+  config = _tiny_config()
+  config.eval_tta = 'flip_translate'
+  config[field] = value
+  with pytest.raises(UsageError, match=message):
+    config_lib.validate(config)
 
 
 def test_train_step_is_pure_and_counts():

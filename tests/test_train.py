@@ -59,11 +59,8 @@ def test_on_device_feed_scans_steps_and_keeps_the_partial_batch(run_cli, tmp_pat
   assert records[-1]['test_accuracy'] > 0.5
 
 
-def test_holdout_run_evaluates_held_out_training_images(run_cli, tmp_path):
-  workdir = tmp_path / 'holdout'
-  proc = run_cli('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', workdir,
-                 '--config.data.holdout=200', '--config.num_epochs=1')
-  assert proc.returncode == 0, proc.stderr
+def test_holdout_run_evaluates_held_out_training_images(holdout_run):
+  workdir, proc = holdout_run
   assert '824 train / 200 holdout images' in proc.stdout
   assert re.search(r'Holdout Loss: [\d.]+, Holdout Acc: [\d.]+', proc.stdout)
   assert 'Final Holdout Accuracy:' in proc.stdout and 'Test Acc' not in proc.stdout
