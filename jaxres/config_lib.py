@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxres import conv, host_allocator, models, train_state
+from jaxres import conv, host_allocator, models, steps, train_state
 from jaxres.errors import UsageError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -33,6 +33,22 @@ def _validate_conv(config: ml_collections.ConfigDict) -> None:
                            m.winograd_transforms)
   except ValueError as e:
     raise UsageError(f'config.model.{e}') from None
+
+
+def validate_tta(config: ml_collections.ConfigDict) -> None:
+  """The test-time augmentation fields (eval_tta*; a run's config from before
+  eval_tta_shifts has steps.tta_options' defaults)."""
+  _require(config.eval_tta in ('none', 'flip', 'flip_translate'),
+           f'config.eval_tta must be none, flip or flip_translate, got {config.eval_tta!r}')
+  if config.eval_tta == 'flip_translate':
+    shifts = config.get('eval_tta_shifts', steps.AIRBENCH_SHIFTS)
+    size = config.data.image_size
+    _require(len(shifts) > 0 and all(
+        len(s) == 2 and all(isinstance(v, int) and abs(v) < size for v in s) for s in shifts),
+        'config.eval_tta_shifts must be a non-empty list of (dy, dx) integer pairs smaller '
+        f'than the image, got {shifts!r}')
+    weight = config.get('eval_tta_center_weight', steps.AIRBENCH_CENTER_WEIGHT)
+    _require(0 <= weight <= 1, f'config.eval_tta_center_weight must be in [0, 1], got {weight!r}')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -66,16 +82,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       re.compile(mu.params)
     except re.error as e:
       raise UsageError(f'config.muon.params is not a regex: {e}') from None
-  _require(config.eval_tta in ('none', 'flip', 'flip_translate'),
-           f'config.eval_tta must be none, flip or flip_translate, got {config.eval_tta!r}')
-  if config.eval_tta == 'flip_translate':
-    shifts, size = config.eval_tta_shifts, config.data.image_size
-    _require(len(shifts) > 0 and all(
-        len(s) == 2 and all(isinstance(v, int) and abs(v) < size for v in s) for s in shifts),
-        'config.eval_tta_shifts must be a non-empty list of (dy, dx) integer pairs smaller '
-        f'than the image, got {shifts!r}')
-    weight = config.eval_tta_center_weight
-    _require(0 <= weight <= 1, f'config.eval_tta_center_weight must be in [0, 1], got {weight!r}')
+  validate_tta(config)
   _require(config.eval_every_epoch or config.schedule != 'plateau',
            'config.schedule=plateau steps on the test loss of every epoch: it needs '
            'config.eval_every_epoch=True')

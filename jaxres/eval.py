@@ -21,7 +21,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from jaxres import checkpoints, cli, evaluation, input_pipeline, models, parallel, steps
+from jaxres import checkpoints, cli, config_lib, evaluation, input_pipeline, models, parallel, steps
 from jaxres.errors import UsageError
 from jaxres.train_state import TrainState
 
@@ -113,9 +113,8 @@ def command():
       if shifts_flag.value:
         config.eval_tta_shifts = parse_shifts(shifts_flag.value)
       if center_flag.value is not None:
-        if not 0 <= center_flag.value <= 1:
-          raise UsageError(f'--tta_center_weight must be in [0, 1], got {center_flag.value}')
         config.eval_tta_center_weight = center_flag.value
+    config_lib.validate_tta(config)
     result = run_eval(config, state, mesh)
     result['checkpoint'] = step
     if parallel.is_main_process():

@@ -41,3 +41,6 @@ def test_eval_of_a_holdout_run_reads_its_holdout_and_overrides_tta(holdout_run, 
   assert f"Holdout Loss: {record['test_loss']:.4f}," not in proc.stdout  # other views
   proc = run_cli('jaxres.eval', '--workdir', workdir, '--tta_shifts', '1,2,3')
   assert proc.returncode == 2 and '--tta_shifts must be pairs' in proc.stderr
+  proc = run_cli('jaxres.eval', '--workdir', workdir, '--tta', 'flip_translate',
+                 '--tta_shifts=0,40')
+  assert proc.returncode == 2 and 'eval_tta_shifts must be' in proc.stderr
