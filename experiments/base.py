@@ -12,12 +12,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 40
   config.batch_size = 128
   config.eval_batch_size = 100
-  config.dtype = 'float32'
+  config.dtype = 'float32'  # float32 | bfloat16 (computation; parameters stay float32)
+  # jax_default_matmul_precision for float32 matmuls and convolutions: default (JAX's:
+  # TF32 on NVIDIA GPUs since Ampere, as PyTorch's default for convolutions; full float32
+  # on the CPU) | tensorfloat32 | float32 (full, slower on GPUs) | bfloat16.
+  config.matmul_precision = 'default'
+  # JAX's persistent compilation cache, so later runs reuse compiled steps: auto
+  # ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/jaxres/xla) | none | a directory.
+  config.compilation_cache = 'auto'
   config.param_budget = 5_000_000
   # Host memory (jaxres.host_allocator): 'hugepages' restarts the command once with glibc
   # asked for transparent huge pages, so the CPU backend's big buffers fault in 2 MB at a
   # time, not 4 KB (fast.py's step: 1.5x on a 2-core CPU, BENCHMARKS.md); 'system' leaves
   # malloc alone.
+  # Applied on the CPU only (on an accelerator the activations live on the device).
   config.host_allocator = 'hugepages'
 
   # torch.optim.Adam(lr=1e-3, weight_decay=1e-4): L2 added to the gradient (not AdamW).
@@ -84,7 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.download = True
   config.data.num_workers = 2
   config.data.augment = 'seed'  # seed | flip_crop | none
-  config.data.on_device = False  # dataset on the accelerator, augmentation in the step
+  # Dataset on the devices, augmentation inside the step (True), or torchvision's
+  # transforms in DataLoader workers (False, the seed's own path). None: automatic, on
+  # the device on an accelerator (a host loader would starve it), torchvision on a CPU.
+  config.data.on_device = ml_collections.config_dict.placeholder(bool)
   config.data.steps_per_dispatch = 1  # on_device: optimizer steps per jitted call (lax.scan)
   config.data.prefetch = 2  # torchvision path: batches copied to the devices ahead
   config.data.alternating_flip = False  # on_device: mirror each image every other epoch

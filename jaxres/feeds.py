@@ -3,7 +3,7 @@
 HostFeed    the reference path: the seed's torchvision transforms in DataLoader workers,
             each batch copied to the devices by a background thread while the previous
             step runs (asynchronous prefetch).
-DeviceFeed  config.data.on_device: the uint8 dataset lives on the devices; each dispatch
+DeviceFeed  config.data.on_device (automatic on accelerators): the uint8 dataset lives on the devices; each dispatch
             sends only the example indices of `steps_per_dispatch` batches, and the jitted
             step gathers, augments (jaxres.augment) and normalizes them itself, scanning
             over the batches (lax.scan) to amortize dispatch.
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxres import input_pipeline, parallel, steps
+from jaxres import input_pipeline, parallel, runtime, steps
 
 
 def prefetch(iterator: Iterator, size: int) -> Iterator:
@@ -109,9 +109,9 @@ class DeviceFeed:
 
 
 def create(config, train_split, mesh):
-  """The feed config.data asks for."""
+  """The feed config.data asks for (on_device None: automatic, runtime.on_device)."""
   num_devices = mesh.devices.size
-  if config.data.on_device:
+  if runtime.on_device(config):
     order = input_pipeline.Loader(train_split, config.batch_size, None, seed=config.seed,
                                   shuffle=True, drop_last=config.data.drop_last,
                                   process_index=jax.process_index(),

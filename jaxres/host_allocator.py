@@ -15,7 +15,9 @@ tunable added to its environment -- once: the restarted process finds it set and
 on. This costs the command's imports a second time (seconds).
 
 Policy 'system' leaves the allocator as it is. 'hugepages' does nothing where it cannot
-help: outside Linux with glibc, or where the kernel has transparent huge pages off.
+help: outside Linux with glibc, or where the kernel has transparent huge pages off; and
+jaxres.runtime applies it only when the run's platform is the CPU (on an accelerator the
+activations are device buffers, and a restart would only cost start-up time).
 
 (Keeping freed memory in the process instead -- mallopt M_MMAP_MAX=0, M_ARENA_MAX=1,
 M_TRIM_THRESHOLD=max -- was as fast, but the heap fragmented and a fast.py timing's
@@ -65,6 +67,12 @@ def environment(policy: str, env: Mapping[str, str]) -> Optional[dict]:
     return None
   tunables = ':'.join(t for t in (env.get('GLIBC_TUNABLES', ''), TUNABLE) if t)
   return {**env, 'GLIBC_TUNABLES': tunables}
+
+
+def in_use(env: Optional[Mapping[str, str]] = None) -> str:
+  """The policy serving this process: 'hugepages' where glibc's tunable is set, else 'system'."""
+  env = os.environ if env is None else env
+  return 'hugepages' if TUNABLE.split('=')[0] in env.get('GLIBC_TUNABLES', '') else 'system'
 
 
 def apply(policy: str) -> None:

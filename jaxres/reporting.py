@@ -7,7 +7,37 @@ import time
 from typing import Optional
 
 # Fields of a metrics.jsonl record that differ run to run (wall-clock figures).
-TIMING_KEYS = ('epoch_seconds', 'images_per_second', 'eval_seconds')
+TIMING_KEYS = ('epoch_seconds', 'images_per_second', 'eval_seconds', 'compile_seconds')
+# jax.monitoring's duration events of tracing, lowering and compiling a jitted function
+# (a persistent compilation cache hit is counted as its retrieval time).
+COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration',
+                  '/jax/core/compile/jaxpr_to_mlir_module_duration',
+                  '/jax/core/compile/backend_compile_duration')
+
+
+class CompileClock:
+  """Seconds this process spends tracing and compiling, while in its `with` block.
+
+  Compilation happens inside the first call of each jitted function (and again for
+  each new argument shape, or a new set of frozen parameters), so an epoch's wall time
+  includes it; the trainer reports it apart (compile_seconds) from the epoch's time.
+  """
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def _on_event(self, event: str, duration: float, **_):
+    if event in COMPILE_EVENTS:
+      self.seconds += duration
+
+  def __enter__(self):
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+    return self
+
+  def __exit__(self, *exc):
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.monitoring.unregister_event_duration_listener(self._on_event)
 
 
 def eval_name(record: dict) -> str:
@@ -22,9 +52,11 @@ def epoch_line(record: dict, num_epochs: int) -> str:
   name = eval_name(r)
   test = (f"{name} Loss: {r['test_loss']:.4f}, {name} Acc: {r['test_accuracy']:.4f}, "
           if 'test_loss' in r else '')
+  compiling = (f" (+{r['compile_seconds']:.1f}s compiling)"
+               if r.get('compile_seconds', 0) >= 0.05 else '')
   return (f"Epoch [{r['epoch']}/{num_epochs}], Train Loss: {r['train_loss']:.4f}, "
           f"Train Acc: {r['train_accuracy']:.4f}, {test}LR: {r['learning_rate']:.2e}, "
-          f"Time: {r['epoch_seconds']:.1f}s, {r['images_per_second']:.0f} img/s")
+          f"Time: {r['epoch_seconds']:.1f}s{compiling}, {r['images_per_second']:.0f} img/s")
 
 
 def _atomic_write(path: str, data: bytes):

@@ -22,8 +22,8 @@ import numpy as np
 from ml_collections import config_flags
 
 from jaxres import checkpoints as checkpoints_lib
-from jaxres import cli, config_lib, evaluation, feeds, host_allocator, input_pipeline, models
-from jaxres import optim, parallel, reporting, steps
+from jaxres import cli, config_lib, evaluation, feeds, input_pipeline, models
+from jaxres import optim, parallel, reporting, runtime, steps
 from jaxres import train_state as train_state_lib
 from jaxres.errors import Interrupted, NonFiniteLossError, UsageError
 
@@ -31,7 +31,8 @@ CHECK_EVERY = 50  # steps between host-side looks at the loss (non-finite check,
 # Fields that may differ between a run and its resumption: they do not change what is
 # computed (num_epochs only extends the run).
 RESUMABLE_CHANGES = ('resume', 'allow_config_change', 'progress', 'num_epochs',
-                     'data.num_workers', 'log_train_steps', 'host_allocator')
+                     'data.num_workers', 'log_train_steps', 'host_allocator',
+                     'compilation_cache')
 PLOT_EVERY_SECONDS = 60  # curves.png is redrawn at most this often (and at the end)
 
 
@@ -160,8 +161,13 @@ def _prepare_workdir(config, workdir: str, ckpts, state, is_main: bool):
 
 
 def train_and_evaluate(config, workdir: str) -> list[dict]:
-  """Run (or resume) training of `config` in `workdir`; returns the epoch records."""
+  """Run (or resume) training of `config` in `workdir`; returns the epoch records.
+
+  The command calls runtime.start first (start-up order, JAX options); as a library
+  function this only checks the config, for this platform.
+  """
   config_lib.validate(config)
+  runtime.check(config)
   num_params = config_lib.check_budget(config)
   _check_workdir(workdir)
   mesh = parallel.make_mesh()
@@ -241,16 +247,20 @@ def _train(config, workdir, mesh, num_params, train_split, eval_split, split_nam
        f'{len(train_split)} train / {len(eval_split)} {split_name} images; '
        f'{num_devices} device(s) '
        f'({jax.devices()[0].platform}), {jax.process_count()} process(es)')
+  _log(f'jaxres: {runtime.describe(config)}')
   last_plot = time.perf_counter()
-  with _StopRequests() as stop:
+  # Compilation (each new step, and the evaluation's first call) is timed apart:
+  # epoch_seconds and eval_seconds leave it out, compile_seconds holds it.
+  with _StopRequests() as stop, reporting.CompileClock() as clock:
     for epoch in range(start_epoch, config.num_epochs + 1):
       resumed = epoch == start_epoch
+      compiled_before = clock.seconds
       state, sums = _train_epoch(state, dict(partial_sums) if resumed else {}, epoch,
                                  start_step if resumed else 0, train_fn_for(epoch), feed,
-                                 ckpts, config, stop, steps_log)
+                                 ckpts, config, stop, steps_log, clock)
       if sync_fn:
         state = sync_fn(state)
-      t_eval = time.perf_counter()
+      t_eval, compiled_before_eval = time.perf_counter(), clock.seconds
       evaluate_now = config.eval_every_epoch or epoch == config.num_epochs
       test_sums = (evaluation.evaluate(eval_fn, state, eval_loader, batch_sharding)
                    if evaluate_now else None)
@@ -262,7 +272,9 @@ def _train(config, workdir, mesh, num_params, train_split, eval_split, split_nam
         state = plateau_fn(state, record['test_loss'])
       ckpts.save(int(jax.device_get(state.step)), state, {'epoch': epoch, 'step_in_epoch': 0},
                  metrics={'test_accuracy': record['test_accuracy']} if evaluate_now else None)
-      record['eval_seconds'] = round(time.perf_counter() - t_eval, 3)
+      record['eval_seconds'] = round(time.perf_counter() - t_eval
+                                     - (clock.seconds - compiled_before_eval), 3)
+      record['compile_seconds'] = round(clock.seconds - compiled_before, 3)
       records.append(record)
       if is_main:
         metrics_log.append(record)
@@ -289,11 +301,12 @@ def _per_step(metrics: dict) -> list[dict]:
 
 
 def _train_epoch(state, sums, epoch, first_step, train_fn, feed, ckpts, config, stop,
-                 steps_log=None):
-  """One epoch (from `first_step`): returns (state, train sums incl. 'seconds')."""
+                 steps_log=None, clock=None):
+  """One epoch (from `first_step`): returns (state, train sums incl. 'seconds', the
+  epoch's wall time less what `clock`, a reporting.CompileClock, counted in it)."""
   progress = reporting.Progress(feed.num_batches, f'epoch {epoch}',
                                 enabled=config.progress and parallel.is_main_process())
-  t0 = time.perf_counter()
+  t0, compiled_before = time.perf_counter(), clock.seconds if clock else 0.0
   pending, pending_steps, step_in_epoch = [], 0, first_step
 
   def drain(pending):
@@ -333,7 +346,7 @@ def _train_epoch(state, sums, epoch, first_step, train_fn, feed, ckpts, config, 
       raise Interrupted(signum)
   sums = drain(pending)
   progress.close()
-  sums['seconds'] = time.perf_counter() - t0
+  sums['seconds'] = time.perf_counter() - t0 - ((clock.seconds if clock else 0.0) - compiled_before)
   return state, sums
 
 
@@ -360,10 +373,8 @@ def command():
     if not workdir_flag.value:
       raise UsageError('--workdir is required (e.g. --workdir runs/base)')
     config = cli.config_value(config_flag)
-    config_lib.validate(config)
-    host_allocator.apply(config.host_allocator)  # may restart this command, once
-    parallel.initialize_distributed(coordinator_flag.value, num_processes_flag.value,
-                                    process_id_flag.value)
+    runtime.start(config, coordinator_flag.value, num_processes_flag.value,
+                  process_id_flag.value)
     train_and_evaluate(config, workdir_flag.value)
 
   return main

@@ -4,7 +4,8 @@ import re
 from tests.conftest import read_metrics
 
 EPOCH_LINE = re.compile(r'^Epoch \[(\d+)/3\], Train Loss: [\d.]+, Train Acc: [\d.]+, '
-                        r'Test Loss: [\d.]+, Test Acc: [\d.]+, LR: [\d.e+-]+, Time: [\d.]+s, '
+                        r'Test Loss: [\d.]+, Test Acc: [\d.]+, LR: [\d.e+-]+, '
+                        r'Time: [\d.]+s(?: \(\+[\d.]+s compiling\))?, '
                         r'\d+ img/s$', re.M)
 
 
@@ -12,7 +13,11 @@ def test_smoke_run_writes_everything_and_learns(smoke_run):
   workdir, proc = smoke_run
   assert [int(e) for e in EPOCH_LINE.findall(proc.stdout)] == [1, 2, 3]
   assert 'Final Test Accuracy:' in proc.stdout
+  # The start line names what is in use (smoke.py pins XLA's convolutions, no restart).
+  assert ('jaxres: float32, matmul precision default; convolutions xla; host allocator '
+          'system; data torchvision (augment flip_crop, 0 workers)') in proc.stdout
   records = read_metrics(workdir)
+  assert records[0]['compile_seconds'] > 0  # the step's compilation, apart from its time
   assert [r['epoch'] for r in records] == [1, 2, 3]
   for key in ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'learning_rate',
               'epoch_seconds'):

@@ -41,7 +41,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from jaxres import cli, config_lib, conv, feeds, input_pipeline, models, optim, parallel, steps
-from jaxres import host_allocator, train_state
+from jaxres import host_allocator, runtime, train_state
 from jaxres.errors import UsageError
 
 DTYPES = ('float32', 'bfloat16')
@@ -291,7 +291,8 @@ def run(config, batch_size: int, dtype: str, num_steps: int, torch_compile: bool
                 config.model.winograd_transforms),
             'augment': config.data.augment,
             'xla_flags': os.environ.get('XLA_FLAGS', ''),
-            'host_allocator': config.host_allocator,
+            'host_allocator': host_allocator.in_use(),
+            'matmul_precision': jax.config.jax_default_matmul_precision or 'default',
             'date': time.strftime('%Y-%m-%d')}
   result.update(_versions())
   result.update(bench_jax_step(config, batch_size, num_steps))
@@ -385,8 +386,7 @@ def command():
       if flag.value <= 0:
         raise UsageError(f'{name} must be positive, got {flag.value}')
     config = cli.config_value(config_flag)
-    config_lib.validate(config)
-    host_allocator.apply(config.host_allocator)  # as jaxres.train does
+    runtime.start(config)  # as jaxres.train starts: validation, allocator, JAX options
     result = run(config, batch_flag.value, dtype_flag.value,
                  steps_flag.value, compile_flag.value, epoch_flag.value,
                  epoch_images_flag.value)

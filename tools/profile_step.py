@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from jaxres import cli, config_lib, host_allocator, input_pipeline, optim, steps
+from jaxres import cli, input_pipeline, optim, runtime, steps
 from jaxres.errors import UsageError
 from tools import bench
 
@@ -197,8 +197,7 @@ def command():
                         ('--top', top_flag.value)):
       if value <= 0:
         raise UsageError(f'{name} must be positive, got {value}')
-    config_lib.validate(config)
-    host_allocator.apply(config.host_allocator)  # as jaxres.train does
+    runtime.start(config)  # as jaxres.train starts: validation, allocator, JAX options
     result = profile(config, batch_size, steps_flag.value, top_flag.value, epoch_flag.value)
     print(json.dumps(result) if json_flag.value else format_report(result))
 
