@@ -1,4 +1,11 @@
-"""Shared test helpers: run a jaxres command in a subprocess; one smoke run per session."""
+"""Shared test helpers: run a jaxres command in a subprocess; one smoke run per session.
+
+The suite runs on whatever backend is present. On a CPU it is the whole suite. On an
+accelerator: each pytest worker and subprocess takes device memory as it needs it (not
+75 % of it up front), float32 matmuls and convolutions run at full float32 precision
+(the tolerances compare with PyTorch and XLA:CPU float32), and the tests marked
+`cpu_only` (the CPU backend's machinery) are skipped with the reason.
+"""
 
 import json
 import os
@@ -6,20 +13,47 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
+from jaxres import runtime
+
+if runtime.expected_platform() != 'cpu':  # decided before any backend starts
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'float32')  # for the subprocesses
+  jax.config.update('jax_default_matmul_precision', 'float32')
+
 REPO = Path(__file__).resolve().parents[1]
+FAKE_DEVICES = '--xla_force_host_platform_device_count'
 
 
 def cli_env(extra=None, cache_dir=None):
+  """The environment of a jaxres command run by a test: this checkout first on the path,
+  unbuffered output; fake CPU devices (XLA_FLAGS' FAKE_DEVICES) run on the CPU."""
   env = dict(os.environ)
   env['PYTHONPATH'] = str(REPO) + os.pathsep + env.get('PYTHONPATH', '')
-  env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONUNBUFFERED'] = '1'
   if cache_dir:
     env['JAX_COMPILATION_CACHE_DIR'] = str(cache_dir)
   env.update(extra or {})
+  if FAKE_DEVICES in env.get('XLA_FLAGS', ''):
+    env['JAX_PLATFORMS'] = 'cpu'
   return env
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'cpu_only: tests of the CPU backend\'s machinery (native '
+                          'Winograd transforms, XLA:CPU profiles); skipped on accelerators')
+
+
+def pytest_collection_modifyitems(config, items):
+  backend = jax.default_backend()
+  if backend == 'cpu':
+    return
+  skip = pytest.mark.skip(reason=f'CPU backend only (this machine runs {backend})')
+  for item in items:
+    if 'cpu_only' in item.keywords:
+      item.add_marker(skip)
 
 
 @pytest.fixture(scope='module')

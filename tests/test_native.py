@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from experiments import base
-from jaxres import config_lib, conv, layers, models, native
+from jaxres import config_lib, conv, layers, models, native, runtime
 from jaxres.errors import UsageError
 from tests import test_conv
 from tests.conftest import cli_env
 
+pytestmark = pytest.mark.cpu_only
 needs_native = pytest.mark.skipif(not native.available(),
                                   reason=f'{native.unavailable_reason()}')
 DN = test_conv.DN
@@ -142,10 +143,11 @@ def test_without_a_compiler_conv_keeps_xla_transforms(monkeypatch, tmp_path):
   with pytest.raises(RuntimeError, match='no C\\+\\+ compiler'):
     native.input_transform(jnp.zeros((1, 4, 4, 1)))
   config = base.get_config()
-  config_lib.validate(config)  # 'auto': XLA's transforms, no error
+  runtime.check(config)  # 'auto': XLA's transforms, no error
   config.model.winograd_transforms = 'native'
+  config_lib.validate(config)  # the config alone is fine: no backend is asked
   with pytest.raises(UsageError, match="winograd_transforms='native' cannot be used: no C"):
-    config_lib.validate(config)
+    runtime.check(config)
   fallback = conv.conv_general_dilated('winograd', winograd_transforms='auto')
   x = jnp.ones((1, 4, 4, 2))
   w = jnp.ones((3, 3, 2, 2))

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tools import profile_step
 
 HLO = '''
@@ -47,6 +49,7 @@ def test_between_ops_is_the_time_no_op_covers():
   assert r['between_ops_ms'] == 125.0  # 150 ms to 400 ms, over 2 steps
 
 
+@pytest.mark.cpu_only  # reads XLA:CPU's op names
 def test_profile_step_on_the_smoke_model(run_cli):
   proc = run_cli('tools.profile_step', '--config', 'experiments/smoke.py', '--batch_size', '8',
                  '--epoch', '2',
