@@ -2,14 +2,21 @@
 
     python -m jaxres.eval --workdir DIR [--step latest|best|N] [--json]
     python -m jaxres.eval --config experiments/base.py --torch-checkpoint model.pth [--json]
+    python -m jaxres.eval --workdir DIR1 --workdir DIR2 [--json]
 
-Reports test loss, test accuracy, per-class accuracy and the confusion matrix. The data
+Reports test loss, test accuracy, per-class accuracy and the confusion matrix. With
+--workdir repeated, it evaluates the ensemble of those runs, as jaxres.predict labels
+with it: each run with its own normalization and test-time augmentation, the mean of
+their class probabilities; it reports each run's loss and accuracy beside the
+ensemble's (--json: the ensemble's report, the runs' under 'members'). The runs must
+evaluate on the same images (not holdout runs beside test-set runs). The data
 source is the run's (DIR/config.json), or --config's; --data_name / --data_root
 override it (e.g. to evaluate on a local copy of CIFAR-10). A run trained with
 data.holdout > 0 is evaluated on the same held-out training images, never on the test
 set (as during training: the split for choices). --tta, --tta_shifts and
 --tta_center_weight override the test-time augmentation (config.eval_tta*), e.g. to
-compare view sets on a holdout run:
+compare view sets on a holdout run (for an ensemble, --step and every override apply to
+each run):
 
     python -m jaxres.eval --workdir DIR --tta flip_translate --tta_shifts="-1,-1 1,1"
 """
