@@ -100,9 +100,10 @@ def run_ensemble(members, mesh) -> dict:
     if first is None:
       first = (workdir, data)
     elif not _same_split(first[1], data):
-      raise UsageError(f'{workdir} evaluates on other images than {first[0]} '
-                       f'({len(data[0])} {data[1]} images against {len(first[1][0])} '
-                       f'{first[1][1]} images, or other data): an ensemble needs one split')
+      mine, theirs = (f'{len(d[0])} {d[1]} images' for d in (data, first[1]))
+      detail = f'{mine} against {theirs}' if mine != theirs else f'{mine} of other data'
+      raise UsageError(f'{workdir} evaluates on other images than {first[0]} ({detail}): '
+                       f'the runs of an ensemble must evaluate on the same split')
     result = run_eval(config, state, mesh, data, probabilities=True)
     probabilities.append(result.pop('probabilities'))
     reports.append({'workdir': workdir, 'checkpoint': step, **result})
