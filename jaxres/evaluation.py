@@ -1,17 +1,62 @@
-"""Evaluation over a loader and the report built from its sums."""
+"""Evaluation over a loader, the report built from its sums, and ensembles of runs."""
+
+from typing import Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from jaxres import input_pipeline, parallel, reporting
+from jaxres.errors import UsageError
+
+PER_EXAMPLE = 'probabilities'  # the eval output that is gathered, not summed
 
 
 def evaluate(eval_fn, state, loader: input_pipeline.Loader, sharding) -> dict:
-  """Metric sums (numpy float64, confusion matrix included) of `state` over `loader`."""
-  outputs = [eval_fn(state, parallel.global_batch(b, sharding)) for b in loader.epoch(0)]
+  """Metric sums (numpy float64, confusion matrix included) of `state` over `loader`.
+
+  An eval_fn output named PER_EXAMPLE (eval_step's probabilities, on request) is not
+  summed: the result holds its rows of real images (mask 1), in the loader's order,
+  gathered from every process.
+  """
+  outputs, masks = [], []
+  for local in loader.epoch(0):
+    batch = parallel.global_batch(local, sharding)
+    outputs.append(eval_fn(state, batch))
+    if PER_EXAMPLE in outputs[-1]:
+      masks.append(batch['mask'])
+  rows = [o.pop(PER_EXAMPLE) for o in outputs if PER_EXAMPLE in o]
   outputs = jax.device_get(outputs)
-  return {k: np.sum([np.asarray(o[k], np.float64) for o in outputs], axis=0)
+  sums = {k: np.sum([np.asarray(o[k], np.float64) for o in outputs], axis=0)
           for k in outputs[0]}
+  if rows:
+    rows, masks = multihost_utils.process_allgather((rows, masks), tiled=True)
+    sums[PER_EXAMPLE] = np.concatenate([r[np.asarray(m) > 0] for r, m in zip(rows, masks)])
+  return sums
+
+
+def probability_sums(probabilities: np.ndarray, labels: np.ndarray) -> dict:
+  """evaluate()'s sums for class probabilities (N, classes) of N labelled images: the
+  cross-entropy of the probabilities, the argmax's hits and the confusion matrix."""
+  probabilities = np.asarray(probabilities, np.float64)
+  labels = np.asarray(labels)
+  predicted = probabilities.argmax(axis=1)
+  confusion = np.zeros((probabilities.shape[1],) * 2)
+  np.add.at(confusion, (labels, predicted), 1)
+  picked = probabilities[np.arange(len(labels)), labels]
+  return {'loss_sum': float(-np.log(np.maximum(picked, np.finfo(np.float32).tiny)).sum()),
+          'correct': float(np.sum(predicted == labels)), 'count': float(len(labels)),
+          'confusion': confusion}
+
+
+def average_probabilities(probabilities: Sequence[np.ndarray], names: Sequence[str]) -> np.ndarray:
+  """The ensemble's class probabilities: the mean of its members' (one (N, classes) array
+  per member, named by `names`); UsageError if their shapes differ."""
+  shapes = [np.shape(p) for p in probabilities]
+  if len(set(shapes)) > 1:
+    listed = ', '.join(f'{n}: {s[1]} classes for {s[0]} images' for n, s in zip(names, shapes))
+    raise UsageError(f'the runs of an ensemble must predict the same classes ({listed})')
+  return np.mean(np.stack(probabilities), axis=0)
 
 
 def report(sums: dict, classes) -> dict:
@@ -42,4 +87,20 @@ def format_report(result: dict) -> str:
   lines.append(' ' * (width + 2) + ' '.join(f'{i:>{cells}}' for i in range(len(classes))))
   for c, row in zip(classes, result['confusion_matrix']):
     lines.append(f'  {c:<{width}}' + ' '.join(f'{v:>{cells}}' for v in row))
+  return '\n'.join(lines)
+
+
+def format_ensemble(result: dict) -> str:
+  """An ensemble's report (eval.run_ensemble's): each member's loss and accuracy and the
+  ensemble's in one table, then the ensemble's per-class accuracy and confusion matrix."""
+  members = result['members']
+  name = reporting.eval_name(result)
+  width = max(len('ensemble'), *(len(m['workdir']) for m in members))
+  header = f"  {'run':<{width}}  {'checkpoint':>10}  {name + ' Loss':>12}  {name + ' Acc':>11}"
+  row = lambda run, step, r: (f"  {run:<{width}}  {step:>10}  {r['test_loss']:>12.4f}  "
+                              f"{r['test_accuracy']:>11.4f}")
+  lines = [f"ensemble of {len(members)} runs on {result['num_examples']} "
+           f"{result.get('eval_split', 'test')} images", header]
+  lines += [row(m['workdir'], m['checkpoint'], m) for m in members]
+  lines += [row('ensemble', '', result), '', 'ensemble:', format_report(result)]
   return '\n'.join(lines)

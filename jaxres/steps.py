@@ -156,12 +156,19 @@ def tta_logits(model: nn.Module, variables, images, tta: str = 'none',
   raise ValueError(f'unknown test-time augmentation {tta!r}')
 
 
+def tta_probabilities(model: nn.Module, variables, images, tta: str = 'none', **tta_kwargs):
+  """Class probabilities of NHWC `images`: the softmax of tta_logits' logits (what an
+  ensemble of runs averages)."""
+  return jax.nn.softmax(tta_logits(model, variables, images, tta, **tta_kwargs), axis=-1)
+
+
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, tta: str = 'none',
-              **tta_kwargs) -> dict:
+              probabilities: bool = False, **tta_kwargs) -> dict:
   """Metric sums on `batch` in eval mode; rows with mask 0 (padding) do not count.
 
   Logits are tta_logits' (`tta`, `tta_kwargs`: shifts, center_weight). Also returns
-  the batch's confusion matrix (rows: true class, columns: predicted).
+  the batch's confusion matrix (rows: true class, columns: predicted) and, with
+  `probabilities`, every row's class probabilities (padding rows included).
   """
   logits = tta_logits(model, state.variables, batch['image'], tta, **tta_kwargs)
   losses = cross_entropy(logits, batch['label'])
@@ -171,6 +178,8 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, tta: str = 'n
   weights = jnp.ones(losses.shape) if mask is None else mask
   metrics['confusion'] = jnp.zeros((num_classes, num_classes)).at[
       batch['label'], jnp.argmax(logits, -1)].add(weights)
+  if probabilities:
+    metrics['probabilities'] = jax.nn.softmax(logits, axis=-1)
   return metrics
 
 

@@ -115,6 +115,35 @@ def holdout_run(run_cli, tmp_path_factory):
   return workdir, proc
 
 
+@pytest.fixture(scope='session')
+def second_smoke_run(run_cli, tmp_path_factory):
+  """A finished one-epoch smoke run on smoke_run's data with its own normalization and
+  test-time augmentation (an ensemble's second member): (workdir, proc)."""
+  workdir = tmp_path_factory.mktemp('smoke2') / 'run'
+  proc = run_cli('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', workdir,
+                 '--config.num_epochs=1', '--config.eval_tta=flip',
+                 '--config.data.mean=(0.4,0.45,0.5)')
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return workdir, proc
+
+
+def run_probabilities(workdir, images, step='latest', batch_size=100):
+  """Class probabilities of uint8 NHWC `images` by one run, in this process (its own
+  normalization and test-time augmentation, as jaxres.predict and jaxres.eval apply)."""
+  from jaxres import checkpoints, predict, steps
+  config, model, state, _ = checkpoints.load_run(str(workdir), step)
+  return predict.predict_probabilities(model, state, images, batch_size, tuple(config.data.mean),
+                                       tuple(config.data.std), **steps.tta_options(config))
+
+
+def smoke_test_split():
+  """The images and labels smoke runs evaluate on (experiments/smoke.py, generated)."""
+  from experiments import smoke
+  from jaxres import input_pipeline
+  config = smoke.get_config()
+  return input_pipeline.load(config.data, config.seed)[1]
+
+
 def read_metrics(workdir, drop_timing=False):
   """metrics.jsonl's records; drop_timing removes the keys that differ run to run."""
   path = Path(workdir) / 'metrics.jsonl'
