@@ -37,9 +37,53 @@ def config_value(holder):
   return config
 
 
+HELP_FLAGS = ('--help', '-h', '--helpfull', '-help')
+
+
+def _config_fields(config, prefix: str = '') -> list[str]:
+  """'--config.FIELD=VALUE' for every field of a ConfigDict, nested ones dotted."""
+  lines = []
+  for key, value in sorted(config.items()):
+    if hasattr(value, 'items'):
+      lines += _config_fields(value, f'{prefix}{key}.')
+    else:
+      lines.append(f'  --config.{prefix}{key}={value!r}')
+  return lines
+
+
+def usage(doc: Optional[str]) -> str:
+  """The --help text: the command's docstring, its flags with their defaults, and, for a
+  command with --config, the config's fields (those of the file given, if any)."""
+  parts = [(doc or '').strip(), 'Flags:' + flags.FLAGS.main_module_help().split(':', 1)[-1]]
+  if 'config' in flags.FLAGS:
+    try:
+      config = flags.FLAGS['config'].value
+      fields = _config_fields(config) if config is not None else []
+    except Exception:  # pylint: disable=broad-except  # a config file that does not load
+      fields = []
+    parts.append('Config fields: every field of the --config file can be overridden as '
+                 '--config.FIELD=VALUE; experiments/base.py documents each one.'
+                 + ('\n' + '\n'.join(fields) if fields else ''))
+  return '\n\n'.join(p for p in parts if p) + '\n'
+
+
+def _print_help(argv: list):
+  """Print usage() for the command being run and exit 0 (flags other than the help
+  flag are parsed first where they can be, so that --config's fields are listed)."""
+  try:
+    flags.FLAGS([a for a in argv if a not in HELP_FLAGS])
+  except Exception:  # pylint: disable=broad-except
+    flags.FLAGS.mark_as_parsed()
+  print(usage(getattr(sys.modules.get('__main__'), '__doc__', None)), end='')
+  sys.exit(0)
+
+
 def run(main: Callable[[list], Optional[int]], argv: Optional[list] = None):
-  """Parse absl flags, run main(argv), turn jaxres errors into one line and an exit code."""
+  """Parse absl flags, run main(argv), turn jaxres errors into one line and an exit code.
+  `--help` (or -h) prints the command's usage."""
   argv = sys.argv if argv is None else argv
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    _print_help(argv)
   logging.set_verbosity(logging.ERROR)  # Orbax and absl chatter; jaxres prints its own
   std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)  # Orbax's writer threads
   try:
