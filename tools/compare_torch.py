@@ -5,7 +5,7 @@
     python -m tools.compare_torch --metrics runs/base/metrics.jsonl
 
 --steps N: builds jaxres's initial weights for the config (its seed), loads them into the
-PyTorch reference (tests/torch_reference.py) with load_state_dict(strict=True), then trains
+PyTorch reference (jaxres/torch_reference.py) with load_state_dict(strict=True), then trains
 both on CPU on the same N batches of the config's training data (the jaxres loader's
 batches, augmentation included, fed to both). Prints both loss curves, the relative
 difference at each step, and the final difference of every parameter and BatchNorm
@@ -37,9 +37,9 @@ import numpy as np
 from ml_collections import config_flags
 import torch
 
-from jaxres import cli, config_lib, input_pipeline, models, optim, steps, torch_compat, train_state
+from jaxres import cli, config_lib, input_pipeline, models, optim, steps, torch_compat
+from jaxres import torch_reference, train_state
 from jaxres.errors import UsageError
-from tests import torch_reference
 
 DEFAULT_STEPS = 20
 # With --float64_reference: how much farther from float64 than PyTorch float32 jaxres may

@@ -1,4 +1,5 @@
-"""The seed's PyTorch model and recipe, for parity tests and benchmarks only.
+"""The seed's PyTorch model and recipe: the reference of the parity tests, tools.compare_torch
+and tools.bench.
 
 This is the notebook's ModifiedResNet (a half-width ResNet-18 of BasicBlocks), with the
 state_dict keys of the seed's checkpoints (conv1.weight, layer2.0.shortcut.0.weight, ...),
