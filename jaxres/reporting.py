@@ -128,7 +128,9 @@ def save_figure(fig, axes, path: str, title: Optional[str] = None):
   """Label the (loss, accuracy) panels per epoch, then write the figure to `path`
   atomically and close it."""
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
   for ax, name in zip(axes, ('loss', 'accuracy')):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel('epoch')
     ax.set_ylabel(name)
     ax.grid(alpha=0.3)

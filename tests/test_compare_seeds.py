@@ -68,8 +68,10 @@ def test_train_mode_runs_both_frameworks_and_reports(compared):
     assert per_epoch[1]['test_loss']['std'] == pytest.approx(np.std(losses, ddof=1))
   accuracy = summary['final']['test_accuracy']
   welch = accuracy['welch']
+  assert accuracy['jaxres']['values'] == [r['final']['test_accuracy']
+                                         for r in summary['frameworks']['jaxres']['runs']]
   assert welch['difference'] == pytest.approx(
-      np.mean(accuracy['ours']) - np.mean(accuracy['theirs']))
+      np.mean(accuracy['jaxres']['values']) - np.mean(accuracy['torch']['values']))
   assert welch['low'] <= welch['difference'] <= welch['high']
   assert summary['verdict'] == run_stats.verdict(welch)
 

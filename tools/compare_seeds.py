@@ -46,6 +46,10 @@ TABLE_COLUMNS = (('train_loss', 'train loss'), ('train_accuracy', 'train acc'),
                  ('learning_rate', 'lr'))
 
 
+def _print(line: str) -> None:
+  print(line, flush=True)  # progress reaches a log file as it happens
+
+
 # ---------------------------------------------------------------------------- configs
 
 def check_trainable(config) -> None:
@@ -143,7 +147,7 @@ def _restore_checkpoint(path: str, model, optimizer, scheduler, device) -> int:
   return state['epoch']
 
 
-def torch_train_and_evaluate(config, workdir: str, log=print) -> list:
+def torch_train_and_evaluate(config, workdir: str, log=_print) -> list:
   """Run (or resume) the seed's PyTorch training of `config` in `workdir`; the records.
 
   Each epoch's record (jaxres.train's schema; learning_rate is the rate the epoch
@@ -209,7 +213,7 @@ def finished_records(workdir: str, num_epochs: int):
   return records if [r['epoch'] for r in records] == list(range(1, num_epochs + 1)) else None
 
 
-def run_all(config, out: str, num_seeds: int, log=print) -> dict:
+def run_all(config, out: str, num_seeds: int, log=_print) -> dict:
   """Train (or resume, or skip) every run of the comparison, then write the report.
 
   The report is rewritten after each run that finishes, from the finished runs.
@@ -236,8 +240,8 @@ def run_all(config, out: str, num_seeds: int, log=print) -> dict:
 
 def _data_line(config) -> str:
   d = config.data
-  sizes = '/'.join(str(n) if n else 'all' for n in (d.train_subset, d.test_subset))
-  return f'{d.name} data, {sizes} train/test images (class-balanced)'
+  train, test = (f'{n:,}' if n else 'all' for n in (d.train_subset, d.test_subset))
+  return f'{d.name} data, {train} train / {test} test images (class-balanced)'
 
 
 # ---------------------------------------------------------------------------- the report
@@ -262,7 +266,7 @@ def summarize(config, out: str, num_seeds: int) -> dict:
   if all(frameworks[f]['runs'] for f in FRAMEWORKS):
     for metric in FINAL_METRICS:
       ours, theirs = ([r['records'] for r in frameworks[f]['runs']] for f in FRAMEWORKS)
-      final[metric] = run_stats.final_comparison(ours, theirs, metric)
+      final[metric] = run_stats.final_comparison(ours, theirs, metric, tuple(FRAMEWORKS))
   welch = final.get('test_accuracy', {}).get('welch')
   verdict = (run_stats.verdict(welch) if welch else
              'no verdict: Welch\'s interval needs 2 finished runs or more of each framework')
@@ -275,12 +279,13 @@ def summarize(config, out: str, num_seeds: int) -> dict:
           'config': config_lib.to_dict(config)}
 
 
-def _cell(spread, metric: str) -> str:
+def _cell(spread, metric: str = '') -> str:
+  """'mean ± std' (the mean alone for one run, or a learning rate that all runs share)."""
   if spread is None:
     return ''
-  if metric == 'learning_rate':
-    return f'{spread["mean"]:.1e}' + (f' ± {spread["std"]:.1e}' if spread['std'] else '')
-  return f'{spread["mean"]:.4f} ± {spread["std"]:.4f}'
+  digits = '.1e' if metric == 'learning_rate' else '.4f'
+  shown = spread['n'] > 1 and (spread['std'] or metric != 'learning_rate')
+  return f'{spread["mean"]:{digits}}' + (f' ± {spread["std"]:{digits}}' if shown else '')
 
 
 def markdown(summary: dict) -> str:
@@ -307,8 +312,8 @@ def markdown(summary: dict) -> str:
                    f'{run["final"]["test_loss"]:.4f} | {cuts} |')
   accuracy = summary['final'].get('test_accuracy')
   if accuracy:
-    lines += ['', f'Final test accuracy: jaxres {_cell(accuracy["ours_spread"], "")}, PyTorch '
-                  f'{_cell(accuracy["theirs_spread"], "")}.']
+    lines += ['', f'Final test accuracy: jaxres {_cell(accuracy["jaxres"])}, PyTorch '
+                  f'{_cell(accuracy["torch"])}.']
     if accuracy['welch']:
       w = accuracy['welch']
       lines[-1] += (f' Difference of means (jaxres - PyTorch) {w["difference"]:+.4f}, 95 % '

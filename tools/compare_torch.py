@@ -425,6 +425,16 @@ def metrics_table(records: list, published=None) -> str:
 
 # ---------------------------------------------------------------------------- command
 
+# --train's integer flags: (name, default, help).
+TRAIN_NUMBERS = (
+    ('seeds', 3, 'runs per framework (seeds config.seed, config.seed + 1, ...)'),
+    ('epochs', None, 'epochs (default config.num_epochs)'),
+    ('train_images', None, 'a class-balanced subset of this many training images (0: all)'),
+    ('test_images', None, 'a class-balanced subset of this many test images (0: all)'),
+    ('torch_threads', None, 'PyTorch\'s intra-op threads (default: one per CPU core; 1 on a '
+     'CPU that other work keeps busy, where more threads wait on each other)'))
+
+
 def command():
   """The command-line entry point: defines its flags (only then, so that importing this
   module as a library defines none) and returns main(argv)."""
@@ -444,35 +454,28 @@ def command():
   train_flag = flags.DEFINE_bool('train', False, 'Train the config to its end, --seeds runs '
                                  'each in PyTorch (the seed\'s loop) and in jaxres, into --out, '
                                  'and compare them (tools.compare_seeds).')
-  seeds_flag = flags.DEFINE_integer('seeds', 3, '--train: runs per framework (seeds '
-                                    'config.seed, config.seed + 1, ...).')
-  epochs_flag = flags.DEFINE_integer('epochs', None, '--train: epochs (default config.num_epochs).')
-  train_images_flag = flags.DEFINE_integer('train_images', None, '--train: a class-balanced '
-                                           'subset of this many training images (0: all).')
-  test_images_flag = flags.DEFINE_integer('test_images', None, '--train: a class-balanced '
-                                          'subset of this many test images (0: all).')
   out_flag = flags.DEFINE_string('out', None, '--train: the directory of the runs and the '
                                  'report; rerunning resumes.')
-  torch_threads_flag = flags.DEFINE_integer(
-      'torch_threads', None, '--train: PyTorch\'s intra-op threads (default: one per CPU '
-      'core; 1 on a CPU that other work keeps busy, where more threads wait on each other).')
+  numbers = {name: flags.DEFINE_integer(name, default, f'--train: {text}.')
+             for name, default, text in TRAIN_NUMBERS}
 
   def train_main(config):
     if steps_flag.value is not None or metrics_flag.value or checkpoint_flag.value:
       raise UsageError('--train runs alone (without --steps, --metrics or --torch_checkpoint)')
     if not out_flag.value:
       raise UsageError('--train needs --out DIR (where the runs and the report go)')
-    if seeds_flag.value < 1:
-      raise UsageError(f'--seeds must be positive, got {seeds_flag.value}')
+    values = {name: flag.value for name, flag in numbers.items()}
+    if values['torch_threads'] is None:
+      values['torch_threads'] = os.cpu_count()
+    for name in ('seeds', 'torch_threads'):
+      if values[name] < 1:
+        raise UsageError(f'--{name} must be positive, got {values[name]}')
     from tools import compare_seeds  # imports this module
-    config = compare_seeds.comparison_config(config, epochs_flag.value, train_images_flag.value,
-                                             test_images_flag.value)
+    config = compare_seeds.comparison_config(config, values['epochs'], values['train_images'],
+                                             values['test_images'])
     host_allocator.apply(config.host_allocator)  # may restart this command, once
-    threads = os.cpu_count() if torch_threads_flag.value is None else torch_threads_flag.value
-    if threads < 1:
-      raise UsageError(f'--torch_threads must be positive, got {threads}')
-    torch.set_num_threads(threads)
-    summary = compare_seeds.run_all(config, out_flag.value, seeds_flag.value)
+    torch.set_num_threads(values['torch_threads'])
+    summary = compare_seeds.run_all(config, out_flag.value, values['seeds'])
     print(compare_seeds.markdown(summary), end='')
     return 0
 

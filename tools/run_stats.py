@@ -4,7 +4,7 @@ Pure functions of metrics.jsonl records (jaxres.train's schema); no framework in
 """
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -127,11 +127,12 @@ def verdict(interval: dict, name: str = 'test accuracy', unit_digits: int = 4,
           f'{min(abs(low), abs(high)):.{unit_digits}f} ({level} interval {bounds})')
 
 
-def final_comparison(ours: list, theirs: list, metric: str) -> dict:
-  """The last epoch's `metric` of every run on each side, their spread, Welch's interval
-  of the difference of means (None with fewer than 2 runs a side)."""
+def final_comparison(ours: list, theirs: list, metric: str,
+                     names: tuple = ('ours', 'theirs')) -> dict:
+  """The last epoch's `metric` of every run on each side ({name: {values, spread}}) and
+  Welch's interval of mean(ours) - mean(theirs) ('welch': None with fewer than 2 runs a
+  side)."""
   a = [records[-1][metric] for records in ours]
   b = [records[-1][metric] for records in theirs]
-  interval: Optional[dict] = (welch_interval(a, b) if min(len(a), len(b)) >= 2 else None)
-  return {'ours': a, 'theirs': b, 'ours_spread': spread(a), 'theirs_spread': spread(b),
-          'welch': interval}
+  return {names[0]: {'values': a, **spread(a)}, names[1]: {'values': b, **spread(b)},
+          'welch': welch_interval(a, b) if min(len(a), len(b)) >= 2 else None}
