@@ -2,7 +2,7 @@
 jaxres and of the seed's PyTorch loop, trained to the end and compared.
 
 The pipeline runs at toy size on generated data: the smoke model, 2 seeds, 2 epochs,
-200 training and 100 test images.
+256 training and 100 test images (whole batches of 64: one compiled step).
 """
 
 import json
@@ -20,13 +20,13 @@ from tools import compare_seeds, run_stats
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
-SIZES = ('--seeds', 2, '--epochs', 2, '--train_images', 200, '--test_images', 100)
+SIZES = ('--seeds', 2, '--epochs', 2, '--train_images', 256, '--test_images', 100)
 RECORD_KEYS = {'epoch', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy',
                'learning_rate', 'epoch_seconds', 'images_per_second', 'eval_seconds'}
 
 
 def _config(epochs=2):
-  return compare_seeds.comparison_config(smoke.get_config(), epochs, 200, 100)
+  return compare_seeds.comparison_config(smoke.get_config(), epochs, 256, 100)
 
 
 @pytest.fixture(scope='module')
@@ -47,11 +47,11 @@ def test_train_mode_runs_both_frameworks_and_reports(compared):
                              (4, 'PyTorch', 1)):
     assert f'[{number}/4] {name} seed {seed} (' in proc.stdout
   assert proc.stdout.count('Epoch [2/2]') == 4
-  assert 'PyTorch: 78,002 trainable parameters; 200 train / 100 test images' in proc.stdout
+  assert 'PyTorch: 78,002 trainable parameters; 256 train / 100 test images' in proc.stdout
 
   summary = json.loads((out / 'compare.json').read_text())
   assert summary['seeds'] == [0, 1] and summary['num_epochs'] == 2
-  assert (summary['train_images'], summary['test_images']) == (200, 100)
+  assert (summary['train_images'], summary['test_images']) == (256, 100)
   for framework in ('jaxres', 'torch'):
     runs = summary['frameworks'][framework]['runs']
     assert [r['seed'] for r in runs] == [0, 1]
@@ -78,7 +78,7 @@ def test_train_mode_runs_both_frameworks_and_reports(compared):
   # The jaxres runs are jaxres.train runs on the subset.
   config = json.loads((out / 'jaxres' / 'seed_1' / 'config.json').read_text())
   assert (config['seed'], config['data']['train_subset'], config['data']['test_subset']) == (
-      1, 200, 100)
+      1, 256, 100)
   assert (out / 'jaxres' / 'seed_1' / 'checkpoints').is_dir()
   assert (out / 'torch' / 'seed_1' / compare_seeds.CHECKPOINT).is_file()
 
@@ -140,7 +140,7 @@ def test_both_frameworks_get_the_same_images():
   images = np.concatenate([b[0].numpy() for b in batches]).transpose(0, 2, 3, 1)
   np.testing.assert_array_equal(images, input_pipeline.normalize(test.images))
   loader = compare_seeds.torch_train_loader(train, config, compare_seeds.torch_device())
-  assert loader.dataset.images is train.images and len(train) == 200
+  assert loader.dataset.images is train.images and len(train) == 256
 
 
 # ---------------------------------------------------------------------------- statistics

@@ -19,9 +19,10 @@ DIR/compare.json, compare.md, compare.png   the comparison (`report`)
 Rerunning the command resumes: a finished run is skipped, a stopped one continues after
 its last finished epoch (a PyTorch run restores its RNG state too, so with
 data.num_workers=0 it continues as if it had not stopped; with DataLoader workers their
-augmentation draws start afresh). The seeds differ between the frameworks' runs: each
-framework initializes and shuffles with its own generators, so the comparison is of
-distributions, the spread that seeds alone cause against the difference of the means.
+augmentation draws start afresh). A jaxres run and a PyTorch run of one seed share only
+its number: each framework initializes, shuffles and augments with its own generators, so
+what is compared is two distributions, the difference of their means against the spread
+that seeds alone cause.
 """
 
 import json
