@@ -73,7 +73,8 @@ def seed_optimizer(model, lr=1e-3, weight_decay=1e-4, betas=(0.9, 0.999), eps=1e
 
 
 def seed_scheduler(optimizer, factor=0.1, patience=5, threshold=1e-4, cooldown=0):
-  """ReduceLROnPlateau(mode='min', factor=0.1, patience=5), stepped on the test loss."""
+  """ReduceLROnPlateau(mode='min', factor=0.1, patience=5) (the defaults are the seed's),
+  stepped on the test loss once per epoch."""
   return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', factor=factor,
                                                     patience=patience, threshold=threshold,
                                                     cooldown=cooldown)
