@@ -107,6 +107,10 @@ def get_config() -> ml_collections.ConfigDict:
   # set (chosen by a permutation seeded with holdout_seed): for choices made on accuracy.
   config.data.holdout = 0
   config.data.holdout_seed = 0
+  # Train / evaluate on this many images of the split (0: all), class-balanced and the
+  # same in every run (input_pipeline.balanced_subset); holdout is taken from the subset.
+  config.data.train_subset = 0
+  config.data.test_subset = 0
   # synthetic only
   config.data.synthetic_train_size = 0
   config.data.synthetic_test_size = 0

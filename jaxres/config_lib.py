@@ -120,6 +120,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'config.data.alternating_flip needs config.data.on_device=True')
   _require(d.num_workers >= 0, 'config.data.num_workers must be >= 0')
   _require(d.holdout >= 0, 'config.data.holdout must be >= 0')
+  for field in ('train_subset', 'test_subset'):
+    value = d.get(field, 0)
+    _require(isinstance(value, int) and value >= 0,
+             f'config.data.{field} must be an integer >= 0 (0: the whole split), got {value!r}')
 
 
 def param_count(config: ml_collections.ConfigDict) -> tuple[int, Any]:

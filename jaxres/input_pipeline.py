@@ -28,6 +28,7 @@ from jaxres.errors import UsageError
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 PREFETCH_FACTOR = 4  # batches each DataLoader worker prepares ahead
+SUBSET_SEED = 0  # the choice of data.train_subset / data.test_subset's images
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
                    'horse', 'ship', 'truck')
 
@@ -81,7 +82,42 @@ def normalize(images_uint8: np.ndarray, mean=MEAN, std=STD) -> np.ndarray:
 # ---------------------------------------------------------------------------- sources
 
 def load(data: ml_collections.ConfigDict, seed: int = 0) -> tuple[Split, Split]:
-  """(train, test) splits for config.data; UsageError when the data is unavailable."""
+  """(train, test) splits for config.data; UsageError when the data is unavailable.
+
+  With data.train_subset / data.test_subset > 0, only that many images of the split,
+  class-balanced (`balanced_subset`): the same images in every run and on every host.
+  """
+  train, test = _load_source(data, seed)
+  return (balanced_subset(train, data.get('train_subset', 0), 'data.train_subset'),
+          balanced_subset(test, data.get('test_subset', 0), 'data.test_subset'))
+
+
+def balanced_subset(split: Split, num_images: int, field: str = 'num_images',
+                    seed: int = SUBSET_SEED) -> Split:
+  """`num_images` images of `split` (all of it for 0), as many of each class as can be.
+
+  Each class gives num_images // num_classes images, the first num_images % num_classes
+  classes one more, chosen within the class by a permutation seeded with (seed, class):
+  a pure function of the split and the sizes. The subset keeps the split's order.
+  """
+  if not num_images:
+    return split
+  num_classes = len(split.classes)
+  if not 0 < num_images <= len(split):
+    raise UsageError(f'{field}={num_images} must be between 1 and the split\'s {len(split)} '
+                     f'images (0: all)')
+  chosen = np.zeros(len(split), bool)
+  for label in range(num_classes):
+    wanted = num_images // num_classes + int(label < num_images % num_classes)
+    members = np.flatnonzero(split.labels == label)
+    if wanted > len(members):
+      raise UsageError(f'{field}={num_images}: class {split.classes[label]!r} has '
+                       f'{len(members)} images, a balanced subset needs {wanted}')
+    chosen[np.random.default_rng([seed, label]).permutation(members)[:wanted]] = True
+  return Split(split.images[chosen], split.labels[chosen], split.classes)
+
+
+def _load_source(data: ml_collections.ConfigDict, seed: int) -> tuple[Split, Split]:
   if data.name == 'cifar10':
     return _load_cifar10(os.path.expanduser(data.root), data.download)
   if data.name == 'imagefolder':

@@ -136,10 +136,7 @@ def plot_curves(records: list[dict], path: str, title: Optional[str] = None):
   """Loss and accuracy per epoch, train and test, as the seed plots them."""
   if not records:
     return
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax_loss, ax_acc) = loss_accuracy_figure()
   for split in ('train', 'test'):
     points = [(r['epoch'], r[f'{split}_loss'], r[f'{split}_accuracy'])
               for r in records if f'{split}_loss' in r]
@@ -148,7 +145,24 @@ def plot_curves(records: list[dict], path: str, title: Optional[str] = None):
       style = '-' if len(points) > 1 else 'o'
       ax_loss.plot(x, loss, style, label=f'{split} loss')
       ax_acc.plot(x, acc, style, label=f'{split} accuracy')
-  for ax, name in ((ax_loss, 'loss'), (ax_acc, 'accuracy')):
+  save_figure(fig, (ax_loss, ax_acc), path, title)
+
+
+def loss_accuracy_figure():
+  """(figure, (loss axes, accuracy axes)): the two panels of every jaxres plot (Agg)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  return plt.subplots(1, 2, figsize=(11, 4))
+
+
+def save_figure(fig, axes, path: str, title: Optional[str] = None):
+  """Label the (loss, accuracy) panels per epoch, then write the figure to `path`
+  atomically and close it."""
+  import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
+  for ax, name in zip(axes, ('loss', 'accuracy')):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel('epoch')
     ax.set_ylabel(name)
     ax.grid(alpha=0.3)

@@ -96,7 +96,7 @@ def _check_workdir(workdir: str):
     raise UsageError(f'workdir {workdir} is not writable ({e.strerror})') from None
 
 
-def _check_resume(config, workdir: str) -> None:
+def check_resume(config, workdir: str) -> None:
   """UsageError if `workdir` holds a run of a different config that we would resume."""
   saved_path = os.path.join(workdir, 'config.json')
   if not config.resume or not os.path.exists(saved_path):
@@ -110,8 +110,8 @@ def _check_resume(config, workdir: str) -> None:
                      f'--config.allow_config_change=True to resume anyway')
 
 
-def _epoch_record(epoch, train_sums, test_sums, learning_rate, seconds, images,
-                  split_name='test') -> dict:
+def epoch_record(epoch, train_sums, test_sums, learning_rate, seconds, images,
+                 split_name='test') -> dict:
   """One line of metrics.jsonl; test_sums is None for an epoch without evaluation.
   Evaluated on another split than the test set (split_name 'holdout'), the test_*
   figures are that split's and the record says so in 'eval_split'."""
@@ -173,7 +173,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
   mesh = parallel.make_mesh()
   num_devices = mesh.devices.size
   parallel.check_batch_size(config.batch_size, mesh)
-  _check_resume(config, workdir)
+  check_resume(config, workdir)
   train_split, eval_split, split_name = input_pipeline.evaluation_split(
       config.data, *input_pipeline.load(config.data, config.seed))
   if train_split.labels.max() >= config.model.num_classes:
@@ -266,7 +266,7 @@ def _train(config, workdir, mesh, num_params, train_split, eval_split, split_nam
                    if evaluate_now else None)
       learning_rate = float(jax.device_get(optim.learning_rate(state.opt_state)))
       seconds = sums.pop('seconds')
-      record = _epoch_record(epoch, sums, test_sums, learning_rate, seconds, sums['count'],
+      record = epoch_record(epoch, sums, test_sums, learning_rate, seconds, sums['count'],
                              split_name)
       if config.schedule == 'plateau':
         state = plateau_fn(state, record['test_loss'])

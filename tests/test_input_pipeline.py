@@ -7,7 +7,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from experiments import base, smoke
-from jaxres import input_pipeline
+from jaxres import config_lib, input_pipeline
 from jaxres.errors import UsageError
 
 
@@ -201,3 +201,35 @@ def test_evaluation_split_is_the_test_set_unless_holdout(tmp_path):
   config.data.holdout = 24
   rest, held, name = input_pipeline.evaluation_split(config.data, train, test)
   assert (len(rest), len(held), name) == (len(train) - 24, 24, 'holdout')
+
+
+def test_balanced_subset_is_class_balanced_fixed_and_in_order():
+  labels = np.concatenate([np.full(30, c) for c in range(3)] + [np.full(8, 3)])
+  split = input_pipeline.Split(np.arange(len(labels), dtype=np.uint8).reshape(-1, 1, 1, 1),
+                               labels, tuple('abcd'))
+  subset = input_pipeline.balanced_subset(split, 26)
+  assert np.bincount(subset.labels).tolist() == [7, 7, 6, 6]  # the first classes one more
+  ids = subset.images.ravel()
+  assert list(ids) == sorted(ids) and subset.classes == split.classes
+  np.testing.assert_array_equal(split.labels[ids], subset.labels)
+  np.testing.assert_array_equal(input_pipeline.balanced_subset(split, 26).images, subset.images)
+  assert input_pipeline.balanced_subset(split, 0) is split
+  with pytest.raises(UsageError, match="data.train_subset=36: class 'd' has 8 images"):
+    input_pipeline.balanced_subset(split, 36, 'data.train_subset')
+  with pytest.raises(UsageError, match='data.test_subset=99 must be between 1 and'):
+    input_pipeline.balanced_subset(split, 99, 'data.test_subset')
+
+
+def test_load_takes_the_configured_subsets():
+  config = smoke.get_config()
+  config.data.train_subset, config.data.test_subset = 200, 50
+  train, test = input_pipeline.load(config.data)
+  full_train, _ = input_pipeline.load(smoke.get_config().data)
+  assert (len(train), len(test)) == (200, 50)
+  assert np.bincount(train.labels).tolist() == [20] * 10
+  assert np.bincount(test.labels).tolist() == [5] * 10
+  np.testing.assert_array_equal(
+      train.images, input_pipeline.balanced_subset(full_train, 200).images)
+  config.data.test_subset = -1
+  with pytest.raises(UsageError, match='config.data.test_subset must be an integer >= 0'):
+    config_lib.validate(config)

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from experiments import smoke
-from jaxres import input_pipeline, models, optim, steps, torch_compat, train_state
+from jaxres import input_pipeline, models, optim, steps, torch_compat, torch_reference, train_state
 from jaxres.errors import UsageError
-from tests import torch_reference
 from tools import compare_torch
 
 BATCH = 16

@@ -10,8 +10,7 @@ import torch
 import torchvision
 
 from experiments import base, smoke
-from jaxres import models, torch_compat, train_state
-from tests import torch_reference
+from jaxres import models, torch_compat, torch_reference, train_state
 from tests.conftest import read_metrics
 from tools import compare_torch
 

@@ -147,7 +147,7 @@ def bench_torch_step(config, batch_size: int, num_steps: int, dtype: str,
     return {'torch_train_img_s': None,
             'torch_note': f'no PyTorch reference for model.name={config.model.name!r}'}
   import torch
-  from tests import torch_reference
+  from jaxres import torch_reference
   on_gpu = jax.default_backend() == 'gpu' and torch.cuda.is_available()
   device = torch.device('cuda' if on_gpu else 'cpu')
   m = config.model

@@ -1,11 +1,14 @@
-"""jaxres next to the seed's PyTorch code: the same training, step by step; or a run's curve.
+"""jaxres next to the seed's PyTorch code: the same training, step by step; a checkpoint; a
+run's curve; or several seeds of each, trained to the end.
 
     python -m tools.compare_torch --steps 20 [--config experiments/base.py] [--config.FIELD=...]
     python -m tools.compare_torch --torch_checkpoint model.pth [--config experiments/base.py]
     python -m tools.compare_torch --metrics runs/base/metrics.jsonl
+    python -m tools.compare_torch --train --seeds 3 --train_images N --test_images M --out DIR
+        [--epochs E] [--config experiments/base.py] [--config.FIELD=...]
 
 --steps N: builds jaxres's initial weights for the config (its seed), loads them into the
-PyTorch reference (tests/torch_reference.py) with load_state_dict(strict=True), then trains
+PyTorch reference (jaxres/torch_reference.py) with load_state_dict(strict=True), then trains
 both on CPU on the same N batches of the config's training data (the jaxres loader's
 batches, augmentation included, fed to both). Prints both loss curves, the relative
 difference at each step, and the final difference of every parameter and BatchNorm
@@ -21,6 +24,11 @@ jaxres.torch_compat), and prints both losses and accuracies and how many predict
 
 --metrics FILE: prints a jaxres run's per-epoch numbers next to the seed's published ones
 (epochs 29, 30 and 40 of its notebook's log).
+
+--train: trains the config to its end, --seeds runs in PyTorch with the seed's own loop and
+--seeds runs in jaxres, on the same class-balanced subset of the data, into --out (resumable),
+and reports the per-epoch spread, the final test accuracies, Welch's 95 % interval of their
+difference and a verdict (tools.compare_seeds).
 """
 
 import copy
@@ -37,9 +45,9 @@ import numpy as np
 from ml_collections import config_flags
 import torch
 
-from jaxres import cli, config_lib, input_pipeline, models, optim, steps, torch_compat, train_state
+from jaxres import cli, config_lib, host_allocator, input_pipeline, models, optim, steps
+from jaxres import torch_compat, torch_reference, train_state
 from jaxres.errors import UsageError
-from tests import torch_reference
 
 DEFAULT_STEPS = 20
 # With --float64_reference: how much farther from float64 than PyTorch float32 jaxres may
@@ -417,6 +425,16 @@ def metrics_table(records: list, published=None) -> str:
 
 # ---------------------------------------------------------------------------- command
 
+# --train's integer flags: (name, default, help).
+TRAIN_NUMBERS = (
+    ('seeds', 3, 'runs per framework (seeds config.seed, config.seed + 1, ...)'),
+    ('epochs', None, 'epochs (default config.num_epochs)'),
+    ('train_images', None, 'a class-balanced subset of this many training images (0: all)'),
+    ('test_images', None, 'a class-balanced subset of this many test images (0: all)'),
+    ('torch_threads', None, 'PyTorch\'s intra-op threads (default: one per CPU core; 1 on a '
+     'CPU that other work keeps busy, where more threads wait on each other)'))
+
+
 def command():
   """The command-line entry point: defines its flags (only then, so that importing this
   module as a library defines none) and returns main(argv)."""
@@ -433,10 +451,39 @@ def command():
                                         'of the seed model to evaluate in PyTorch and in jaxres.')
   metrics_flag = flags.DEFINE_string('metrics', None, 'A jaxres run\'s metrics.jsonl to set '
                                      'beside the seed\'s published numbers.')
+  train_flag = flags.DEFINE_bool('train', False, 'Train the config to its end, --seeds runs '
+                                 'each in PyTorch (the seed\'s loop) and in jaxres, into --out, '
+                                 'and compare them (tools.compare_seeds).')
+  out_flag = flags.DEFINE_string('out', None, '--train: the directory of the runs and the '
+                                 'report; rerunning resumes.')
+  numbers = {name: flags.DEFINE_integer(name, default, f'--train: {text}.')
+             for name, default, text in TRAIN_NUMBERS}
+
+  def train_main(config):
+    if steps_flag.value is not None or metrics_flag.value or checkpoint_flag.value:
+      raise UsageError('--train runs alone (without --steps, --metrics or --torch_checkpoint)')
+    if not out_flag.value:
+      raise UsageError('--train needs --out DIR (where the runs and the report go)')
+    values = {name: flag.value for name, flag in numbers.items()}
+    if values['torch_threads'] is None:
+      values['torch_threads'] = os.cpu_count()
+    for name in ('seeds', 'torch_threads'):
+      if values[name] < 1:
+        raise UsageError(f'--{name} must be positive, got {values[name]}')
+    from tools import compare_seeds  # imports this module
+    config = compare_seeds.comparison_config(config, values['epochs'], values['train_images'],
+                                             values['test_images'])
+    host_allocator.apply(config.host_allocator)  # may restart this command, once
+    torch.set_num_threads(values['torch_threads'])
+    summary = compare_seeds.run_all(config, out_flag.value, values['seeds'])
+    print(compare_seeds.markdown(summary), end='')
+    return 0
 
   def main(argv):
     if len(argv) > 1:
       raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if train_flag.value:
+      return train_main(cli.config_value(config_flag))
     if metrics_flag.value:
       print(metrics_table(read_metrics(metrics_flag.value)))
     config = cli.config_value(config_flag).copy_and_resolve_references()

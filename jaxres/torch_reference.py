@@ -1,15 +1,19 @@
-"""The seed's PyTorch model and recipe, for parity tests and benchmarks only.
+"""The seed's PyTorch model and recipe: the reference of the parity tests, tools.compare_torch
+and tools.bench.
 
 This is the notebook's ModifiedResNet (a half-width ResNet-18 of BasicBlocks), with the
 state_dict keys of the seed's checkpoints (conv1.weight, layer2.0.shortcut.0.weight, ...),
-its optimizer, scheduler, train step and evaluation, and the numbers it published.
+its optimizer, scheduler, train step, training and test loops, a dataset of uint8 images
+through torchvision transforms, and the numbers it published.
 Inputs are NCHW tensors of the model's dtype (jaxres batches are NHWC: `nchw` converts).
 """
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.data
 
 
 class BasicBlock(nn.Module):
@@ -68,9 +72,12 @@ def seed_optimizer(model, lr=1e-3, weight_decay=1e-4, betas=(0.9, 0.999), eps=1e
                           weight_decay=weight_decay)
 
 
-def seed_scheduler(optimizer):
-  """ReduceLROnPlateau(mode='min', factor=0.1, patience=5), stepped on the test loss."""
-  return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', factor=0.1, patience=5)
+def seed_scheduler(optimizer, factor=0.1, patience=5, threshold=1e-4, cooldown=0):
+  """ReduceLROnPlateau(mode='min', factor=0.1, patience=5) (the defaults are the seed's),
+  stepped on the test loss once per epoch."""
+  return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', factor=factor,
+                                                    patience=patience, threshold=threshold,
+                                                    cooldown=cooldown)
 
 
 # The seed's published numbers (its notebook's log, official CIFAR-10): only these epochs.
@@ -92,16 +99,59 @@ def _dtype(model) -> torch.dtype:
   return next(model.parameters()).dtype
 
 
+class ImageDataset(torch.utils.data.Dataset):
+  """uint8 NHWC images and their labels through a torchvision transform, as torchvision's
+  datasets serve them (a PIL image per item)."""
+
+  def __init__(self, images, labels, transform):
+    self.images, self.labels, self.transform = images, labels, transform
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, index):
+    return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+def _optimizer_step(model, optimizer, inputs, targets, label_smoothing):
+  """Forward (in the model's current mode), backward, step: (outputs, loss)."""
+  optimizer.zero_grad()
+  outputs = model(inputs)
+  loss = F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)
+  loss.backward()
+  optimizer.step()
+  return outputs, loss
+
+
 def train_step(model, optimizer, images_nhwc, labels, label_smoothing=0.0) -> float:
   """The seed's inner loop on one batch: forward in train mode, backward, step; the loss."""
   model.train()
-  optimizer.zero_grad()
-  outputs = model(nchw(images_nhwc, _dtype(model)))
-  loss = F.cross_entropy(outputs, torch.as_tensor(np.asarray(labels), dtype=torch.long),
-                         label_smoothing=label_smoothing)
-  loss.backward()
-  optimizer.step()
+  _, loss = _optimizer_step(model, optimizer, nchw(images_nhwc, _dtype(model)),
+                            torch.as_tensor(np.asarray(labels), dtype=torch.long),
+                            label_smoothing)
   return loss.item()
+
+
+def _add(sums: dict, outputs, loss_sum, targets) -> None:
+  sums['loss_sum'] += float(loss_sum)
+  sums['correct'] += int((outputs.argmax(1) == targets).sum())
+  sums['count'] += len(targets)
+
+
+def train_epoch(model, optimizer, batches, label_smoothing=0.0) -> dict:
+  """The seed's training loop over (NCHW images, labels) batches, on the model's device.
+
+  Returns the sums {'loss_sum', 'correct', 'count'} over the examples (the loss of each
+  batch times its size), as jaxres's trainer keeps them.
+  """
+  model.train()
+  device = next(model.parameters()).device
+  sums = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
+  for inputs, targets in batches:
+    inputs, targets = inputs.to(device), targets.to(device)
+    outputs, loss = _optimizer_step(model, optimizer, inputs, targets, label_smoothing)
+    _add(sums, outputs, loss.item() * len(targets), targets)
+  return sums
 
 
 @torch.no_grad()
@@ -112,9 +162,15 @@ def predict(model, images_nhwc, batch_size=100) -> torch.Tensor:
                     for start in range(0, len(images_nhwc), batch_size)])
 
 
-def evaluate(model, images_nhwc, labels, batch_size=100) -> dict:
-  """The seed's test loop: eval mode, mean cross-entropy and accuracy over all images."""
-  logits = predict(model, images_nhwc, batch_size)
-  labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-  return {'test_loss': float(F.cross_entropy(logits, labels, reduction='sum')) / len(labels),
-          'test_accuracy': int((logits.argmax(1) == labels).sum()) / len(labels)}
+@torch.no_grad()
+def evaluate(model, batches) -> dict:
+  """The seed's test loop over (NCHW images, labels) batches, in eval mode, on the model's
+  device: the sums {'loss_sum', 'correct', 'count'} of cross-entropy and correct answers."""
+  model.eval()
+  device = next(model.parameters()).device
+  sums = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
+  for inputs, targets in batches:
+    inputs, targets = inputs.to(device), targets.to(device)
+    outputs = model(inputs)
+    _add(sums, outputs, F.cross_entropy(outputs, targets, reduction='sum'), targets)
+  return sums
