@@ -82,11 +82,13 @@ def test_a_missing_package_is_one_line_with_its_pip_command(monkeypatch, tmp_pat
   env, result = verify.environment_stage(reqs, {}, 10, str(tmp_path))
   printed = [line for line in capsys.readouterr().out.splitlines() if 'ml_collections' in line]
   python = os.path.basename(sys.executable)
-  assert printed == [f"missing ml_collections (every stage but environment): {python} -m pip "
-                     f"install 'ml_collections>=1.0'"]
-  assert result['status'] == 'failed' and result['reason'] == printed[0]
+  line = (f"ml_collections (every stage but environment): {python} -m pip install "
+          f"'ml_collections>=1.0'")
+  assert printed == [f'missing     {line}']
+  assert result['status'] == 'failed' and result['reason'] == f'missing {line}'
   stages = verify.plan(False, 'out', (), 2, ('ml_collections',), xdist=True)
-  assert all(verify.missing_for(stage, env['missing']) == printed for stage in stages)
+  assert all(verify.missing_for(stage, env['missing']) == [f'missing {line}']
+             for stage in stages)
 
 
 def test_data_root_layouts(tmp_path):
@@ -129,13 +131,13 @@ def test_pytest_counts():
 def test_run_stage_stops_a_training_run_when_the_next_epoch_would_not_fit(tmp_path, monkeypatch):
   monkeypatch.setattr(verify, 'STOP_SECONDS', 1)
   workdir = str(tmp_path / 'run')
-  stage = verify.Stage('base', 'fake trainer', 'train', ('-c', FAKE_TRAINER, workdir), 3,
+  stage = verify.Stage('base', 'fake trainer', 'train', ('-c', FAKE_TRAINER, workdir), 6,
                        workdir=workdir, budget=True)
   result = verify.run_stage(stage, str(tmp_path), verify.stage_env(), stage.share)
   assert result['status'] == 'passed' and result['returncode'] == 143, result
   assert result['reason'] == 'stopped by SIGTERM: the next epoch would not fit'
   f = result['figures']
-  assert 3 <= f['epochs'] <= 12 and result['seconds'] < 3  # deadline: 3 - 1 s
+  assert 1 <= f['epochs'] < 25 and result['seconds'] < 6  # SIGTERM by 6 - 1 s
   assert f['steady_epoch_seconds'] == 0.2 and f['extrapolated_epochs'] == 40
   assert f['accuracy_by_epoch'][str(f['epochs'])] == f['epochs'] / 100
 

@@ -22,13 +22,14 @@ command (this interpreter, the checkout as working directory and first on PYTHON
                beside the seed's published numbers
 
 Each stage runs under a time limit: its share (SHARES; base's is --minutes) plus what the
-stages before it left of theirs, base excepted. The shares of the full run add up to 10
-minutes; a stage that fails or runs out of time is recorded (with the last lines of its
-output) and the next one starts.
+stages before it left of theirs, base excepted. The shares of the full run add up to just
+under 10 minutes; a stage that fails or runs out of time is recorded (with the last lines
+of its output) and the next one starts.
 
---quick runs every stage at toy size on generated data (a few test files, the smoke
-model, fast.py at toy widths, smoke.py for 2 epochs as base.py's stand-in): minutes on a
-CPU. It checks that the machine is set up; its figures measure nothing.
+--quick runs every stage at toy size on generated data (two test files, the smoke model,
+fast.py at toy widths, smoke.py for 2 epochs as base.py's stand-in), its stages sharing a
+compilation cache in --out: minutes on a CPU. It checks that the machine is set up; its
+figures measure nothing.
 
 --data_root: the training stages' data, official CIFAR-10 (a folder holding
 cifar-10-batches-py/) or an image folder (train/<class>/*, test/<class>/*). Without it the
@@ -37,8 +38,7 @@ allows (else the stage fails with the trainer's one-line message).
 
 In --out (runs/verify): verify.json (everything, machine-readable), verify.md (a section
 for BENCHMARKS.md), <stage>.log (each stage's command and output), fast/ and base/ (the
-training runs' workdirs; `python -m jaxres.train` on base/ with the same flags resumes).
-Both reports are rewritten after each stage. Exit code: 0 when every stage passed, 1
+training runs' workdirs). Both reports are rewritten after each stage. Exit code: 0 when every stage passed, 1
 otherwise, 2 for bad flags.
 """
 
@@ -64,11 +64,11 @@ GUARD = 'JAXRES_VERIFY'
 SEED_EPOCHS = 40  # base.py's run, to which its time is extrapolated
 
 # Seconds each stage may take (base: --minutes), in the full run and in --quick. Full:
-# 10 minutes in all with the default --minutes on an H100-class GPU, where a stage's
-# time is mostly start-up and compilation. Quick: generous for a busy 2-core CPU (the
-# run takes far less); only a hang should meet them.
+# 9 min 50 s in all with the default --minutes (each bench stage 60 s), for one call of
+# at most 10 minutes on an H100-class GPU, where a stage's time is mostly start-up and
+# compilation. Quick: generous for a busy 2-core CPU; only a hang should meet them.
 SHARES = {
-    False: {'environment': 30, 'tests': 140, 'bench': 60, 'fast': 120},
+    False: {'environment': 40, 'tests': 130, 'bench': 60, 'fast': 120},
     True: {'environment': 60, 'tests': 120, 'bench': 150, 'fast': 150},
 }
 MINUTES = {False: 2.0, True: 2.5}  # --minutes' default: base's share
@@ -126,9 +126,8 @@ def python_name() -> str:
 
 
 def install_line(requirement: str, why: str) -> str:
-  """One line: a missing package, what needs it, and the pip command that installs it."""
-  return (f'missing {requirement_name(requirement)} ({why}): '
-          f"{python_name()} -m pip install '{requirement}'")
+  """A missing package, what needs it, and the pip command that installs it."""
+  return f"{requirement_name(requirement)} ({why}): {python_name()} -m pip install '{requirement}'"
 
 
 def outside_range(requirement: str, version: str) -> bool:
@@ -151,6 +150,10 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def cpu_description() -> str:
+  return f'cpu: {cpu_model()}, {os.cpu_count()} cores'
 
 
 def memory_gib() -> Optional[float]:
@@ -200,7 +203,7 @@ def describe_device(found: dict) -> str:
   if 'devices' not in found:
     return f'no JAX device ({found.get("jax_error", "unknown error")})'
   if found['platform'] == 'cpu':
-    return f'cpu: {cpu_model()}, {os.cpu_count()} cores'
+    return cpu_description()
   memory = found.get('device_memory_bytes')
   return (f'{found["platform"]}: {found["devices"][0]} x {len(found["devices"])}'
           + (f' ({memory / 2**30:.1f} GiB)' if memory else ''))
@@ -231,19 +234,24 @@ def environment(reqs: dict, found: dict) -> dict:
           'missing': missing, 'notes': notes}
 
 
-def environment_lines(env: dict) -> list:
-  """The environment stage's report, one line per fact."""
-  v = env['versions']
+def environment_facts(env: dict) -> list:
+  """The environment stage's report: (label, text), one fact each."""
   memory = f', {env["memory_gib"]:.0f} GiB memory' if env['memory_gib'] else ''
-  lines = [f'device      {env["device"]}',
-           f'host        {env["cpu"]}, {env["cpu_count"]} cores{memory}; {env["platform"]}',
-           'versions    ' + ', '.join(f'{k} {v}' for k, v in v.items() if v is not None)]
+  facts = [('device', env['device']),
+           ('host', f'{env["cpu"]}, {env["cpu_count"]} cores{memory}; {env["platform"]}'),
+           ('versions', ', '.join(f'{name} {version}' for name, version
+                                  in env['versions'].items() if version is not None))]
   if env['probe'].get('torch_cuda'):
-    lines.append(f'torch cuda  {env["probe"]["torch_cuda"]}')
-  lines += [f'error       {env["probe"][k]}' for k in ('jax_error', 'torch_error')
+    facts.append(('torch cuda', env['probe']['torch_cuda']))
+  facts += [('error', env['probe'][k]) for k in ('jax_error', 'torch_error')
             if k in env['probe']]
-  lines += list(env['missing'].values()) + [f'note        {n}' for n in env['notes']]
-  return lines
+  return (facts + [('missing', line) for line in env['missing'].values()]
+          + [('note', note) for note in env['notes']])
+
+
+def environment_lines(env: dict) -> list:
+  """The environment's facts as the terminal shows them, one line each."""
+  return [f'{label:<11} {text}' for label, text in environment_facts(env)]
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -264,7 +272,7 @@ class Stage:
 
 def missing_for(stage: Stage, missing: dict) -> list:
   """The install lines of the packages `stage` needs and the machine lacks."""
-  return [missing[name] for name in stage.needs if name in missing]
+  return [f'missing {missing[name]}' for name in stage.needs if name in missing]
 
 
 def data_overrides(root: str) -> tuple:
@@ -282,42 +290,41 @@ def data_overrides(root: str) -> tuple:
                    f'CIFAR-10) nor train/ and test/ class folders (an image folder)')
 
 
+def train_args(config: str, workdir: str, overrides: tuple) -> tuple:
+  """A fresh jaxres.train run of `config` in `workdir`."""
+  return ('-m', 'jaxres.train', '--config', config, '--workdir', workdir,
+          '--config.resume=False') + overrides
+
+
 def plan(quick: bool, out: str, data: tuple, minutes: float, runtime: tuple,
          xdist: bool) -> list:
   """The stages after environment. `data`: the trainer's data overrides; `runtime`: the
   packages every stage needs; `xdist`: whether pytest-xdist is installed."""
   share = SHARES[quick]
-  if quick:
-    tests, base, sizes = QUICK_TESTS, 'experiments/smoke.py', QUICK_BENCH
-    fast, base_epochs, fast_data = QUICK_FAST + ('--config.num_epochs=1',), (
-        '--config.num_epochs=2',), data or QUICK_SYNTHETIC
-  else:
-    tests = (('-n', 'auto', '--dist', 'loadfile') if xdist else ()) + ('tests',)
-    base, sizes, fast, base_epochs, fast_data = 'experiments/base.py', (), (), (), data
+  base = 'experiments/smoke.py' if quick else 'experiments/base.py'
   base_name = os.path.basename(base)
+  tests = QUICK_TESTS if quick else (('-n', 'auto', '--dist', 'loadfile') if xdist else ()) + (
+      'tests',)
   bench = ('-m', 'tools.bench', '--json', '--torch_compile=false')
-  train = ('-m', 'jaxres.train')
-  workdir = {name: os.path.join(out, name) for name in ('fast', 'base')}
-  stages = [Stage('tests', 'tests', 'tests',
-                  ('-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider') + tests,
-                  share['tests'], runtime + ('pytest',), env=TESTS_ENV)]
-  stages += [Stage(f'bench_base_{dtype}', f'tools.bench {base_name} {dtype}', 'bench',
-                   bench + ('--config', base, '--dtype', dtype) + sizes, share['bench'],
-                   runtime) for dtype in ('float32', 'bfloat16')]
-  stages += [
+  fast_bench = QUICK_FAST + QUICK_BENCH if quick else ('--batch_size', '1024')  # fast.py's
+  fast = QUICK_FAST + ('--config.num_epochs=1',) + (data or QUICK_SYNTHETIC) if quick else data
+  base_overrides = ('--config.num_epochs=2',) + data if quick else data
+  fast_dir, base_dir = os.path.join(out, 'fast'), os.path.join(out, 'base')
+  return [
+      Stage('tests', 'tests', 'tests', ('-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider')
+            + tests, share['tests'], runtime + ('pytest',), env=TESTS_ENV),
+      *[Stage(f'bench_base_{dtype}', f'tools.bench {base_name} {dtype}', 'bench',
+              bench + ('--config', base, '--dtype', dtype) + (QUICK_BENCH if quick else ()),
+              share['bench'], runtime) for dtype in ('float32', 'bfloat16')],
       Stage('bench_fast', 'tools.bench fast.py', 'bench',
-            bench + ('--config', 'experiments/fast.py') + (
-                QUICK_FAST + sizes if quick else ('--batch_size', '1024')),
-            share['bench'], runtime),
+            bench + ('--config', 'experiments/fast.py') + fast_bench, share['bench'], runtime),
       Stage('fast', 'fast.py end to end', 'train',
-            train + ('--config', 'experiments/fast.py', '--workdir', workdir['fast'],
-                     '--config.resume=False') + fast + fast_data, share['fast'], runtime, workdir['fast']),
+            train_args('experiments/fast.py', fast_dir, fast), share['fast'], runtime,
+            fast_dir),
       Stage('base', f'{base_name} for up to {minutes:g} min', 'train',
-            train + ('--config', base, '--workdir', workdir['base'], '--config.resume=False')
-            + base_epochs + data,
-            60 * minutes, runtime, workdir['base'], budget=True),
+            train_args(base, base_dir, base_overrides), 60 * minutes, runtime, base_dir,
+            budget=True),
   ]
-  return stages
 
 
 def stage_env(quick: bool = False, out: str = '') -> dict:
@@ -631,7 +638,8 @@ def markdown(report: dict) -> str:
   lines = [f'### tools.verify{" --quick" if report["quick"] else ""}: {env["device"]}, '
            f'{report["date"]}', '',
            f'`{report["command"]}`{commit}: {duration(report["seconds"])}, {verdict}. Data: '
-           f'{report["data"]}.', '', *[f'- {line}' for line in environment_lines(env)]]
+           f'{report["data"]}.', '', *[f'- {label}: {text}' for label, text in
+                                        environment_facts(env)]]
   if report['quick']:
     lines += ['', 'A quick run: toy sizes, generated data; its figures measure nothing.']
   lines += ['', *table(('stage', 'status', 'time', 'limit', 'result'), [
@@ -689,7 +697,7 @@ def environment_stage(reqs: dict, env_vars: dict, limit: float, out: str) -> tup
   with open(os.path.join(out, 'environment.log'), 'w') as f:
     f.write('\n'.join(lines + [json.dumps(found)]) + '\n')
   required = {requirement_name(r) for r in reqs['runtime']} | {'pytest'}
-  problems = [line for name, line in env['missing'].items() if name in required]
+  problems = [f'missing {line}' for name, line in env['missing'].items() if name in required]
   problems += [found['jax_error']] if 'jax_error' in found else []
   return env, {'name': 'environment', 'title': 'environment',
                'status': 'failed' if problems else 'passed',
@@ -788,7 +796,7 @@ def missing_for_verify() -> list:
 
 if __name__ == '__main__':
   if missing_for_verify():
-    print('\n'.join(missing_for_verify()), file=sys.stderr)
+    print('\n'.join(f'missing {line}' for line in missing_for_verify()), file=sys.stderr)
     sys.exit(2)
   from jaxres import cli
   cli.run(command())
