@@ -130,15 +130,18 @@ def test_pytest_counts():
 
 def test_run_stage_stops_a_training_run_when_the_next_epoch_would_not_fit(tmp_path, monkeypatch):
   monkeypatch.setattr(verify, 'STOP_SECONDS', 1)
-  workdir = str(tmp_path / 'run')
-  stage = verify.Stage('base', 'fake trainer', 'train', ('-c', FAKE_TRAINER, workdir), 6,
-                       workdir=workdir, budget=True)
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'metrics.jsonl').write_text('{"epoch": 1, "epoch_seconds": 9}\n' * 30)  # stale
+  stage = verify.Stage('base', 'fake trainer', 'train', ('-c', FAKE_TRAINER, str(workdir)), 6,
+                       workdir=str(workdir), budget=True)
   result = verify.run_stage(stage, str(tmp_path), verify.stage_env(), stage.share)
   assert result['status'] == 'passed' and result['returncode'] == 143, result
   assert result['reason'] == 'stopped by SIGTERM: the next epoch would not fit'
   f = result['figures']
   assert 1 <= f['epochs'] < 25 and result['seconds'] < 6  # SIGTERM by 6 - 1 s
   assert f['steady_epoch_seconds'] == 0.2 and f['extrapolated_epochs'] == 40
+  assert f['seconds_to_first_epoch'] >= 0.2
   assert f['accuracy_by_epoch'][str(f['epochs'])] == f['epochs'] / 100
 
 

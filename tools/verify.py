@@ -387,8 +387,8 @@ class EpochWatch:
   """Decides when to stop a training run, from its metrics.jsonl, and notes when its first
   epoch ended."""
 
-  def __init__(self, workdir: str, deadline: float):
-    self.log = reporting.MetricsLog(os.path.join(workdir, 'metrics.jsonl'))
+  def __init__(self, metrics_path: str, deadline: float):
+    self.log = reporting.MetricsLog(metrics_path)
     self.deadline = deadline
     self.first_epoch_end = None
 
@@ -508,7 +508,10 @@ def judge(outcome: str, returncode: int, figures: dict, kind: str, text: str,
 def run_stage(stage: Stage, out: str, env: dict, limit: float) -> dict:
   """Run one stage into out/<name>.log: its result (status, seconds, figures, ...)."""
   log_path = os.path.join(out, f'{stage.name}.log')
-  watch = EpochWatch(stage.workdir, limit - STOP_SECONDS) if stage.budget else None
+  metrics_path = os.path.join(stage.workdir or out, 'metrics.jsonl')
+  if stage.workdir and os.path.exists(metrics_path):
+    os.remove(metrics_path)  # a previous run's epochs
+  watch = EpochWatch(metrics_path, limit - STOP_SECONDS) if stage.budget else None
   start = time.monotonic()
   with open(log_path, 'w') as log:
     log.write(f'$ {display_command(stage.args)}\n')
@@ -526,7 +529,7 @@ def run_stage(stage: Stage, out: str, env: dict, limit: float) -> dict:
   elif stage.kind == 'bench':
     figures = bench_figures(text)
   else:
-    records = reporting.MetricsLog(os.path.join(stage.workdir, 'metrics.jsonl')).read()
+    records = reporting.MetricsLog(metrics_path).read()
     figures = train_figures(records, seconds, watch and watch.first_epoch_end, stage.budget)
   status, reason = judge(outcome, proc.returncode, figures, stage.kind, text, limit)
   result = {'name': stage.name, 'title': stage.title, 'status': status,
