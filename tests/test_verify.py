@@ -162,6 +162,9 @@ def test_markdown_of_a_report():
   records = [{'epoch': 1, 'epoch_seconds': 30.0, 'eval_seconds': 2.0, 'test_accuracy': 0.5},
              {'epoch': 2, 'epoch_seconds': 10.0, 'eval_seconds': 2.0, 'test_accuracy': 0.6}]
   base = verify.train_figures(records, 50.0, first_epoch_end=35.0, budget=True)
+  fast = verify.train_figures([{'epoch': 1, 'epoch_seconds': 30.0},
+                               {'epoch': 2, 'epoch_seconds': 10.0, 'eval_seconds': 5.0,
+                                'test_accuracy': 0.91}], 60.0)
   bench = {'jax_train_img_s': 5000.0, 'jax_on_device_train_img_s': 6000.0,
            'torch_train_img_s': 4000.0, 'ratio': 1.25, 'jax_compile_s': 12.3,
            'peak_device_mb': 2048.0, 'batch_size': 128, 'conv_impl': 'xla'}
@@ -177,6 +180,7 @@ def test_markdown_of_a_report():
                 stage('tests', 'tests', 'failed', {'passed': 3, 'failed': 1},
                       'exit code 1: FAILED a | b'),
                 stage('bench_base_float32', 'tools.bench base.py float32', 'passed', bench),
+                stage('fast', 'fast.py end to end', 'passed', fast),
                 stage('base', 'base.py for up to 2 min', 'passed', base)]}
   lines = verify.markdown(report).splitlines()
   assert lines[0] == f'### tools.verify: {env["device"]}, 2026-12-01 10:00'
@@ -188,4 +192,5 @@ def test_markdown_of_a_report():
   assert ('| base.py float32 | 128 | xla | 5,000 | 6,000 | 4,000 | 1.25x | 12.3 s | 2,048 MB |'
           in lines)
   assert any('then 12.0 s per epoch (epoch 2): **8 min 23 s**' in line for line in lines)
+  assert '| 2 | 91.00 % (test) | 1 min 00 s | 40.0 s | 30.0 s | 10.0 s | 5.0 s | n/a |' in lines
   assert '| 2 | 60.00 % | n/a |' in lines and '| 40 | n/a | 91.48 % |' in lines

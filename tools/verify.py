@@ -467,7 +467,8 @@ def train_figures(records: list, seconds: float, first_epoch_end: Optional[float
              'train_seconds': round(sum(r['epoch_seconds'] for r in records), 1),
              'eval_seconds': round(sum(r.get('eval_seconds') or 0.0 for r in records), 1),
              'first_epoch_seconds': records[0]['epoch_seconds'],
-             'steady_epoch_seconds': round(steady_epoch_seconds(records), 2)}
+             'later_epoch_seconds': (round(sum(r['epoch_seconds'] for r in records[1:])
+                                           / (len(records) - 1), 2) if records[1:] else None)}
   if evaluated:
     figures.update(test_accuracy=evaluated[-1]['test_accuracy'],
                    eval_split=evaluated[-1].get('eval_split', 'test'))
@@ -608,12 +609,12 @@ def fast_table(stage: dict) -> list:
   if not f:
     return []
   return ['', f'{stage["title"]}:', '', *table(
-      ('epochs', 'accuracy', 'process wall time', 'training', 'epoch 1',
-       'epoch after compilation', 'evaluation'),
+      ('epochs', 'accuracy', 'process wall time', 'training', 'epoch 1', 'epochs 2.., mean',
+       'evaluation', 'compilation'),
       [(f['epochs'], f'{percent(f.get("test_accuracy"))} ({f.get("eval_split", "none")})',
         duration(f['process_seconds']), duration(f['train_seconds']),
-        duration(f['first_epoch_seconds']), duration(f['steady_epoch_seconds']),
-        duration(f['eval_seconds']))])]
+        duration(f['first_epoch_seconds']), duration(f['later_epoch_seconds']),
+        duration(f['eval_seconds']), duration(f.get('compile_seconds')))])]
 
 
 def base_table(stage: dict) -> list:
