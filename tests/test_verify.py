@@ -91,6 +91,12 @@ def test_a_missing_package_is_one_line_with_its_pip_command(monkeypatch, tmp_pat
              for stage in stages)
 
 
+def test_verify_names_its_own_missing_dependency(monkeypatch):
+  monkeypatch.setattr(verify, 'installed_version', lambda name: None)
+  assert verify.missing_for_verify() == [
+      f"absl-py (tools.verify): {os.path.basename(sys.executable)} -m pip install 'absl-py>=2.0'"]
+
+
 def test_data_root_layouts(tmp_path):
   (tmp_path / 'official' / 'cifar-10-batches-py').mkdir(parents=True)
   (tmp_path / 'official' / 'cifar-10-batches-py' / 'data_batch_1').touch()

@@ -496,7 +496,7 @@ def seed_numbers() -> dict:
 def judge(outcome: str, returncode: int, figures: dict, kind: str, text: str,
           limit: float) -> tuple:
   """(status, reason) of a stage that ran."""
-  stopped = outcome == 'stopped' and returncode == 128 + signal.SIGTERM
+  stopped = outcome == 'stopped' and returncode in (128 + signal.SIGTERM, -signal.SIGTERM)
   if outcome == 'timeout' or (outcome == 'stopped' and not figures):
     return 'timeout', f'no result within its {limit:.0f} s'
   if returncode and not stopped:
@@ -691,11 +691,15 @@ def command_line(quick: bool, out: str, data_root: Optional[str],
 
 # ------------------------------------------------------------------------------ the run
 
-def environment_stage(reqs: dict, env_vars: dict, limit: float, out: str) -> tuple:
+def environment_stage(reqs: dict, env_vars: dict, limit: float, out: str,
+                      quick: bool = False) -> tuple:
   """(environment, its stage result); prints and logs its lines."""
   start = time.monotonic()
   found = probe_devices(env_vars, limit)
   env = environment(reqs, found)
+  if found.get('platform') == 'cpu' and not quick:
+    env['notes'].append('no accelerator: the full run is sized for a GPU and most of its '
+                        'stages will run out of time here; --quick checks a CPU machine')
   lines = environment_lines(env)
   print('\n'.join(lines), flush=True)
   with open(os.path.join(out, 'environment.log'), 'w') as f:
@@ -716,7 +720,7 @@ def verify(quick: bool, out: str, data_root: Optional[str], minutes: float,
   start = time.monotonic()
   reqs = requirements(os.path.join(REPO, 'pyproject.toml'))
   env_vars = stage_env(quick, out)
-  env, result = environment_stage(reqs, env_vars, SHARES[quick]['environment'], out)
+  env, result = environment_stage(reqs, env_vars, SHARES[quick]['environment'], out, quick)
   data = data_overrides(data_root) if data_root else ()
   report = {'command': command, 'date': time.strftime('%Y-%m-%d %H:%M'),
             'commit': git_commit(), 'quick': quick, 'minutes': minutes,
