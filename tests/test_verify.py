@@ -29,7 +29,7 @@ for epoch in range(1, 41):
 @pytest.mark.skipif(bool(os.environ.get(verify.GUARD)), reason='inside a tools.verify run')
 def test_quick_run_passes_every_stage(run_cli, tmp_path):
   out = tmp_path / 'verify'
-  proc = run_cli('tools.verify', '--quick', '--out', out, timeout=900)
+  proc = run_cli('tools.verify', '--quick', '--out', out, timeout=1800)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   report = json.loads((out / 'verify.json').read_text())
   assert [s['name'] for s in report['stages']] == list(STAGES)

@@ -38,8 +38,8 @@ allows (else the stage fails with the trainer's one-line message).
 
 In --out (runs/verify): verify.json (everything, machine-readable), verify.md (a section
 for BENCHMARKS.md), <stage>.log (each stage's command and output), fast/ and base/ (the
-training runs' workdirs). Both reports are rewritten after each stage. Exit code: 0 when every stage passed, 1
-otherwise, 2 for bad flags.
+training runs' workdirs). Both reports are rewritten after each stage. Exit code: 0 when
+every stage passed, 1 otherwise, 2 for bad flags.
 """
 
 import dataclasses
@@ -71,7 +71,7 @@ SHARES = {
     False: {'environment': 40, 'tests': 130, 'bench': 60, 'fast': 120},
     True: {'environment': 60, 'tests': 120, 'bench': 150, 'fast': 150},
 }
-MINUTES = {False: 2.0, True: 2.5}  # --minutes' default: base's share
+MINUTES = {False: 2.0, True: 5.0}  # --minutes' default: base's share (quick: 2 epochs, a limit)
 STOP_SECONDS = 15  # of base's share, kept for the trainer to stop and checkpoint
 POLL_SECONDS = 0.5
 TAIL_LINES = 15  # of a stage's output, kept in verify.json when it did not pass
