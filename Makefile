@@ -1,11 +1,13 @@
-# Two commands for a fresh machine:
+# Commands for a fresh machine:
 #   make smoke   set up .venv and run the smoke training (seconds, generated data)
 #   make test    set up .venv and run the test suite
+#   make verify  set up .venv and check the machine end to end (tools/verify.py; extra flags
+#                in VERIFY_FLAGS, e.g. VERIFY_FLAGS='--data_root data/cifar10')
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup smoke test train clean
+.PHONY: setup smoke test verify train clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,9 @@ smoke: setup
 # most tests wait on single-threaded XLA compiles, so two workers on two cores save ~30 %.
 test: setup
 	$(PY) -m pytest -q -n auto --dist loadfile
+
+verify: setup
+	$(PY) -m tools.verify $(VERIFY_FLAGS)
 
 train: setup
 	$(PY) -m jaxres.train --config experiments/base.py --workdir runs/base

@@ -3,7 +3,7 @@ import importlib
 from absl import flags
 
 COMMANDS = ('jaxres.train', 'jaxres.eval', 'jaxres.predict', 'jaxres.export_torch',
-            'tools.count_params', 'tools.compare_torch', 'tools.bench')
+            'tools.count_params', 'tools.compare_torch', 'tools.bench', 'tools.verify')
 
 
 def test_commands_import_as_libraries_without_defining_flags():

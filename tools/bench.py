@@ -43,6 +43,7 @@ from ml_collections import config_flags
 from jaxres import cli, config_lib, conv, feeds, input_pipeline, models, optim, parallel, steps
 from jaxres import host_allocator, runtime, train_state
 from jaxres.errors import UsageError
+from tools import verify
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -262,14 +263,7 @@ def _versions() -> dict:
 def _device_name() -> str:
   device = jax.devices()[0]
   if device.platform == 'cpu':
-    model = platform.processor() or platform.machine()
-    try:
-      with open('/proc/cpuinfo') as f:
-        names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-      model = names[0] if names else model
-    except OSError:
-      pass
-    return f'cpu: {model}, {os.cpu_count()} cores'
+    return verify.cpu_description()
   return f'{device.platform}: {device.device_kind}'
 
 
