@@ -179,6 +179,10 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
   if train_split.labels.max() >= config.model.num_classes:
     raise UsageError(f'the data has {len(train_split.classes)} classes but '
                      f'config.model.num_classes={config.model.num_classes}')
+  if config.data.drop_last and len(train_split) < config.batch_size:
+    raise UsageError(f'config.batch_size={config.batch_size} is more than the {len(train_split)} '
+                     f'training images and config.data.drop_last=True: an epoch would have no '
+                     f'batch; use a smaller batch')
 
   # Nothing in the workdir changes before this point.
   is_main = parallel.is_main_process()

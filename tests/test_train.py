@@ -71,3 +71,13 @@ def test_holdout_run_evaluates_held_out_training_images(holdout_run):
   assert 'Final Holdout Accuracy:' in proc.stdout and 'Test Acc' not in proc.stdout
   (record,) = read_metrics(workdir)
   assert record['eval_split'] == 'holdout' and record['test_accuracy'] > 0.1
+
+
+def test_a_batch_larger_than_the_data_with_drop_last_is_one_line(run_cli, tmp_path):
+  proc = run_cli('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', tmp_path / 'w',
+                 '--config.data.drop_last=True', '--config.batch_size=2048')
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip() == ('error: config.batch_size=2048 is more than the 1024 training '
+                                 'images and config.data.drop_last=True: an epoch would have no '
+                                 'batch; use a smaller batch')
+  assert not (tmp_path / 'w').exists()
