@@ -44,25 +44,30 @@ def _accuracy(metrics) -> float:
   return metrics['test_accuracy']
 
 
+def _chain(exc: Optional[BaseException]) -> list[BaseException]:
+  """`exc` and what caused it, outermost first."""
+  chain = []
+  while exc is not None and all(exc is not e for e in chain):
+    chain.append(exc)
+    exc = exc.__cause__ or exc.__context__
+  return chain
+
+
 def disk_full(exc: BaseException) -> bool:
   """Whether `exc` (or what caused it) is a full disk, a quota or a file-size limit."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-      return True
-    if any(text in str(exc) for text in _DISK_FULL_TEXT):
-      return True
-    exc = exc.__cause__ or exc.__context__
-  return False
+  return any((isinstance(e, OSError) and e.errno in _DISK_FULL)
+             or any(text in str(e) for text in _DISK_FULL_TEXT) for e in _chain(exc))
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-  return isinstance(exc, MemoryError) or any(t in str(exc) for t in _OUT_OF_MEMORY_TEXT)
+  return any(isinstance(e, MemoryError) or any(t in str(e) for t in _OUT_OF_MEMORY_TEXT)
+             for e in _chain(exc))
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-  return f'{type(exc).__name__}: {" ".join(str(exc).split())[:limit]}'
+def _root_cause(exc: BaseException, limit: int = 200) -> str:
+  """'Type: message' of what first went wrong (Orbax wraps TensorStore's errors)."""
+  root = _chain(exc)[-1]
+  return f'{type(root).__name__}: {" ".join(str(root).split())[:limit]}'
 
 
 def leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -213,8 +218,8 @@ class Checkpoints:
   def _read_error(self, step: int, exc: Exception) -> UsageError:
     if _out_of_memory(exc):
       return UsageError(f'out of memory while restoring checkpoint {step} from {self.directory} '
-                        f'({_one_line(exc, 120)}); nothing was changed: free memory and rerun')
-    return Unreadable(f'checkpoint {step} in {self.directory} is unreadable ({_one_line(exc)})')
+                        f'({_root_cause(exc, 120)}); nothing was changed: free memory and rerun')
+    return Unreadable(f'checkpoint {step} in {self.directory} is unreadable ({_root_cause(exc)})')
 
   def restore_latest_valid(self, target, log=print, hint: str = ''
                            ) -> Optional[tuple[int, Any, dict]]:

@@ -83,12 +83,21 @@ def _flag_error(e: Exception, argv: list) -> str:
 
 
 def _quiet_libraries():
-  """Silence what libraries log that a user can do nothing about: Orbax's and absl's
-  chatter (jaxres reports what matters itself) and asyncio's complaints from Orbax's
-  writer threads."""
+  """Silence what libraries report that a user can do nothing about: Orbax's and absl's
+  chatter (jaxres reports what matters itself), asyncio's complaints from Orbax's writer
+  threads, and TensorStore's reads that complete after a restore failed part-way (their
+  callbacks find Orbax's event loop closed and are reported as unraisable)."""
   logging.set_verbosity(logging.FATAL)
   std_logging.getLogger('absl').setLevel(std_logging.CRITICAL + 1)
   std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL + 1)
+  report = sys.unraisablehook
+
+  def unraisable(event):
+    if not (isinstance(event.exc_value, RuntimeError)
+            and str(event.exc_value) == 'Event loop is closed'):
+      report(event)
+
+  sys.unraisablehook = unraisable
 
 
 def run(main: Callable[[list], Optional[int]], argv: Optional[list] = None):

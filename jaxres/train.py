@@ -102,7 +102,9 @@ def _epoch_dependents(config) -> dict[str, str]:
   """{setting: what it changes} for the settings that count their steps from
   config.num_epochs (the triangle schedule, lookahead): with any, a resumed run cannot
   change num_epochs."""
-  dependents = {'config.schedule=triangle': 'learning rate'} if config.schedule == 'triangle' else {}
+  dependents = {}
+  if config.schedule == 'triangle':
+    dependents['config.schedule=triangle'] = 'learning rate'
   lookahead = config.get('lookahead')
   if lookahead is not None and lookahead.enabled:
     dependents['config.lookahead'] = 'weight averaging'
