@@ -31,7 +31,7 @@ _policy = checkpoint_managers.preservation_policy
 
 FREE_SPACE_MARGIN = 1 << 20  # bytes kept free beyond a checkpoint's raw array size
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_DISK_FULL_TEXT = ('No space left', 'File too large', 'Disk quota exceeded')
+_DISK_FULL_TEXT = ('No space left on device', 'File too large', 'Disk quota exceeded')
 _OUT_OF_MEMORY_TEXT = ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory')
 SET_ASIDE_PREFIX = 'corrupt-'  # a damaged checkpoint N is moved to corrupt-N
 
@@ -53,10 +53,16 @@ def _chain(exc: Optional[BaseException]) -> list[BaseException]:
   return chain
 
 
-def disk_full(exc: BaseException) -> bool:
-  """Whether `exc` (or what caused it) is a full disk, a quota or a file-size limit."""
-  return any((isinstance(e, OSError) and e.errno in _DISK_FULL)
-             or any(text in str(e) for text in _DISK_FULL_TEXT) for e in _chain(exc))
+def disk_full(exc: BaseException) -> Optional[str]:
+  """What filled up ('No space left on device', 'Disk quota exceeded', 'File too large')
+  if `exc` (or what caused it) is a full disk, a quota or a file-size limit, else None."""
+  for e in _chain(exc):
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+      return os.strerror(e.errno)
+    for text in _DISK_FULL_TEXT:
+      if text in str(e):
+        return text
+  return None
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -174,11 +180,12 @@ class Checkpoints:
         return self
 
       def __exit__(self, exc_type, exc, tb):
-        if exc is not None and disk_full(exc):
+        reason = disk_full(exc) if exc is not None else None
+        if reason:
           where = f'checkpoint {step}' if step is not None else 'a checkpoint'
-          raise UsageError(f'disk full while writing {where} to {directory} '
-                           f'({" ".join(str(exc).split())[:160]}); free space and rerun the '
-                           f'same command to resume from the last complete checkpoint') from None
+          raise UsageError(f'disk full while writing {where} to {directory} ({reason}); free '
+                           f'space and rerun the same command to resume from the last complete '
+                           f'checkpoint') from None
         return False
 
     return _Guard()

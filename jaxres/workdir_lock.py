@@ -2,7 +2,8 @@
 
 DIR/trainer.lock holds JSON {host, pid, pid_start, started, token}. It is created
 atomically: written under a unique temporary name, then hard-linked to its own name,
-which fails if a lock exists (atomic on local and network file systems, NFS included).
+which fails if a lock exists (atomic on local and network file systems, NFS included;
+where hard links are not supported, created with O_CREAT | O_EXCL instead).
 While held, a daemon thread refreshes the file's modification time every
 HEARTBEAT_SECONDS. A lock is stale, and is taken over with a one-line warning, when its
 holder ran on this host and no longer runs (kill -9, a crash), or when its heartbeat is
@@ -137,11 +138,8 @@ def acquire(workdir: str, log=print) -> WorkdirLock:
     os.fsync(f.fileno())
   try:
     for _ in range(5):  # a few rounds: a contender may take over a stale lock meanwhile
-      try:
-        os.link(tmp, path)
+      if _create(tmp, path):
         return WorkdirLock(path, token)
-      except FileExistsError:
-        pass
       holder, mtime = _read(path)
       if mtime is None:
         continue  # released meanwhile
@@ -160,6 +158,24 @@ def acquire(workdir: str, log=print) -> WorkdirLock:
     os.remove(tmp)
 
 
+def _create(tmp: str, path: str) -> bool:
+  """Create the lock `path` with the contents of `tmp`; False if it exists."""
+  try:
+    os.link(tmp, path)
+    return True
+  except FileExistsError:
+    return False
+  except OSError:  # no hard links on this file system
+    pass
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, 'w') as f, open(tmp) as source:
+    f.write(source.read())
+  return True
+
+
 def _break(path: str, holder: Optional[dict], token: str) -> bool:
   """Remove the stale lock `holder`; False if another contender replaced it meanwhile
   (then that lock is put back)."""
@@ -170,10 +186,7 @@ def _break(path: str, holder: Optional[dict], token: str) -> bool:
     return False
   now, _ = _read(aside)
   if holder is not None and now != holder:  # not the lock judged stale: restore it
-    try:
-      os.link(aside, path)
-    except FileExistsError:
-      pass
+    _create(aside, path)
     os.remove(aside)
     return False
   os.remove(aside)
@@ -206,7 +219,5 @@ def acquire_for_run(workdir: str, log=print) -> Optional[WorkdirLock]:
   if jax.process_count() > 1:
     refusal = _share(refusal)
   if refusal:
-    if lock:
-      lock.release()
     raise UsageError(refusal)
   return lock

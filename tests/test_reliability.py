@@ -336,7 +336,8 @@ def test_disk_filling_during_a_write_keeps_the_previous_checkpoint(tmp_path):
   handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then writes fail with EFBIG
   resource.setrlimit(resource.RLIMIT_FSIZE, (100 << 10, limits[1]))
   try:
-    with pytest.raises(UsageError, match=f'^disk full while writing a checkpoint to {directory} '):
+    with pytest.raises(UsageError, match=f'^disk full while writing a checkpoint to {directory} '
+                                         r'\(File too large\); free space and rerun'):
       ckpts.save(2, state, {'epoch': 2, 'step_in_epoch': 0})
       ckpts.wait()
   finally:

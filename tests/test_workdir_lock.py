@@ -93,3 +93,16 @@ def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
   time.sleep(0.5)
   assert path.stat().st_mtime > 0
   lock.release()
+
+
+def test_without_hard_links_the_lock_is_created_exclusively(tmp_path, monkeypatch):
+  def no_links(*args):
+    raise PermissionError(1, 'Operation not permitted')
+
+  monkeypatch.setattr(os, 'link', no_links)
+  lock, _ = _take(tmp_path)
+  assert lock.held()
+  with pytest.raises(UsageError, match='in use by another trainer'):
+    _take(tmp_path)
+  lock.release()
+  assert os.listdir(tmp_path) == []
