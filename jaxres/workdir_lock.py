@@ -15,6 +15,7 @@ In a multi-process run process 0 takes the lock and every process learns the out
 (`acquire_for_run`). Readers (jaxres.eval, predict, export_torch) never take it.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -132,11 +133,11 @@ def acquire(workdir: str, log=print) -> WorkdirLock:
   mine = {'host': host, 'pid': os.getpid(), 'pid_start': _process_start(os.getpid()),
           'started': time.strftime('%Y-%m-%d %H:%M:%S %z'), 'token': token}
   tmp = f'{path}.{token}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(mine, f)
-    f.flush()
-    os.fsync(f.fileno())
   try:
+    with open(tmp, 'w') as f:
+      json.dump(mine, f)
+      f.flush()
+      os.fsync(f.fileno())
     for _ in range(5):  # a few rounds: a contender may take over a stale lock meanwhile
       if _create(tmp, path):
         return WorkdirLock(path, token)
@@ -155,7 +156,8 @@ def acquire(workdir: str, log=print) -> WorkdirLock:
     raise UsageError(f'workdir {workdir}: could not take its lock {path} (other trainers '
                      f'are starting on it)')
   finally:
-    os.remove(tmp)
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
 
 
 def _create(tmp: str, path: str) -> bool:
@@ -215,7 +217,8 @@ def acquire_for_run(workdir: str, log=print) -> Optional[WorkdirLock]:
     except UsageError as e:
       refusal = str(e)
     except OSError as e:
-      refusal = f'workdir {workdir}: cannot take its lock ({e.strerror}: {e.filename})'
+      refusal = (f'workdir {workdir}: cannot write its lock file {LOCK_NAME} ({e.strerror}); '
+                 f'nothing was changed')
   if jax.process_count() > 1:
     refusal = _share(refusal)
   if refusal:

@@ -324,6 +324,22 @@ def test_a_checkpoint_of_another_optimizer_or_lookahead_is_not_damage(fields, di
   assert _tree_hashes(directory) == before
 
 
+def test_running_out_of_memory_while_restoring_moves_nothing(smoke_run, tmp_path, monkeypatch):
+  directory = _copy_run(smoke_run, tmp_path) / 'checkpoints'
+  before = _tree_hashes(directory)
+  ckpts = checkpoints.Checkpoints(str(directory))
+
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB')
+
+  monkeypatch.setattr(ckpts.manager, 'restore', out_of_memory)
+  with pytest.raises(UsageError, match=f'^out of memory while restoring checkpoint 48 from '
+                                       f'{directory} .*; nothing was changed'):
+    ckpts.restore_latest_valid(_smoke_target())
+  ckpts.close()
+  assert _tree_hashes(directory) == before
+
+
 def test_disk_filling_during_a_write_keeps_the_previous_checkpoint(tmp_path):
   """A write that fails half-way (here: past a file-size limit, as on a full disk) is a
   one-line error; the half-written checkpoint is ignored, then removed by the next save."""
