@@ -7,6 +7,8 @@ no traceback); 3 non-finite loss; 128+N killed by signal N after a checkpoint.
 import logging as std_logging
 import os
 import sys
+import sysconfig
+import traceback
 from typing import Callable, Optional
 
 from absl import flags
@@ -35,6 +37,49 @@ def config_value(holder):
     detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
     raise UsageError(f'cannot load the --config file: {detail}') from None
   return config
+
+
+def _library_file(filename: str) -> bool:
+  """Whether `filename` is Python's, an installed package's or this module's."""
+  stdlib = sysconfig.get_paths()['stdlib']
+  return (filename.startswith('<') or filename.startswith(stdlib) or filename == __file__
+          or any(f'{os.sep}{d}{os.sep}' in filename for d in ('site-packages', 'dist-packages')))
+
+
+def config_file_error(exc: BaseException) -> Optional[str]:
+  """'FILE, line N: Type: message' for an error in a config file (a syntax error, or
+  an exception its get_config() or what it imports raised), else None. absl wraps a
+  ValueError or TypeError of a flag's parser: the cause is looked for as well."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, SyntaxError) and exc.filename:
+      return f'{exc.filename}, line {exc.lineno}: {type(exc).__name__}: {exc.msg}'
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _library_file(f.filename)]
+    if frames:
+      return f'{frames[-1].filename}, line {frames[-1].lineno}: {type(exc).__name__}: {exc}'
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+def _flag_error(e: Exception, argv: list) -> str:
+  """The one line for a flag (or --config file) that did not parse; re-raises a bug."""
+  located = config_file_error(e)
+  if located:
+    return f'cannot load the --config file: {located}'
+  if isinstance(e, flags.Error):
+    return str(e)
+  if isinstance(e, (KeyError, AttributeError)):
+    # ml_collections: an override of a field the config does not have, or a config
+    # module without get_config().
+    if 'get_config' in str(e):
+      return f'the config file does not define get_config() ({e})'
+    field = str(e).strip('"\'')
+    overrides = ' '.join(a for a in argv if a.startswith('--config.'))
+    return f'unknown config field {field!r} (in {overrides})'
+  if isinstance(e, (OSError, ValueError, TypeError)):
+    return f'{type(e).__name__}: {e}'
+  raise e
 
 
 HELP_FLAGS = ('--help', '-h', '--helpfull', '-help')
@@ -78,28 +123,35 @@ def _print_help(argv: list):
   sys.exit(0)
 
 
+def _quiet_libraries():
+  """Silence what libraries report that a user can do nothing about: Orbax's and absl's
+  chatter (jaxres reports what matters itself), asyncio's complaints from Orbax's writer
+  threads, and TensorStore's reads that complete after a restore failed part-way (their
+  callbacks find Orbax's event loop closed and are reported as unraisable)."""
+  logging.set_verbosity(logging.FATAL)
+  std_logging.getLogger('absl').setLevel(std_logging.CRITICAL + 1)
+  std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL + 1)
+  report = sys.unraisablehook
+
+  def unraisable(event):
+    if not (isinstance(event.exc_value, RuntimeError)
+            and str(event.exc_value) == 'Event loop is closed'):
+      report(event)
+
+  sys.unraisablehook = unraisable
+
+
 def run(main: Callable[[list], Optional[int]], argv: Optional[list] = None):
   """Parse absl flags, run main(argv), turn jaxres errors into one line and an exit code.
   `--help` (or -h) prints the command's usage."""
   argv = sys.argv if argv is None else argv
   if any(a in HELP_FLAGS for a in argv[1:]):
     _print_help(argv)
-  logging.set_verbosity(logging.ERROR)  # Orbax and absl chatter; jaxres prints its own
-  std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)  # Orbax's writer threads
+  _quiet_libraries()
   try:
     argv = flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(_one_line(e))
-  except (KeyError, AttributeError) as e:
-    # ml_collections: an override of a field the config does not have, or a config
-    # module without get_config().
-    if 'get_config' in str(e):
-      fail(_one_line(f'the config file does not define get_config() ({e})'))
-    field = str(e).strip('"\'')
-    overrides = ' '.join(a for a in argv if a.startswith('--config.'))
-    fail(_one_line(f'unknown config field {field!r} (in {overrides})'))
-  except (OSError, ValueError, TypeError) as e:
-    fail(_one_line(f'{type(e).__name__}: {e}'))
+  except Exception as e:  # pylint: disable=broad-except
+    fail(_one_line(_flag_error(e, argv)))
   try:
     code = main(argv)
   except UsageError as e:

@@ -8,6 +8,7 @@ config.json (the resolved config) and checkpoints/ (Orbax: the last few and the 
 test accuracy). Rerunning the same command on the same workdir resumes.
 """
 
+import contextlib
 import functools
 import os
 import signal
@@ -23,16 +24,17 @@ from ml_collections import config_flags
 
 from jaxres import checkpoints as checkpoints_lib
 from jaxres import cli, config_lib, evaluation, feeds, input_pipeline, models
-from jaxres import optim, parallel, reporting, runtime, steps
+from jaxres import optim, parallel, reporting, runtime, steps, workdir_lock
 from jaxres import train_state as train_state_lib
 from jaxres.errors import Interrupted, NonFiniteLossError, UsageError
 
 CHECK_EVERY = 50  # steps between host-side looks at the loss (non-finite check, progress)
 # Fields that may differ between a run and its resumption: they do not change what is
-# computed (num_epochs only extends the run).
-RESUMABLE_CHANGES = ('resume', 'allow_config_change', 'progress', 'num_epochs',
-                     'data.num_workers', 'log_train_steps', 'host_allocator',
-                     'compilation_cache')
+# computed. num_epochs too, where nothing computes a total from it (_epoch_dependents).
+RESUMABLE_CHANGES = ('resume', 'allow_config_change', 'progress', 'data.num_workers',
+                     'log_train_steps', 'host_allocator', 'compilation_cache')
+# What to do about a workdir whose run cannot continue as asked.
+START_OVER_HINT = 'use another --workdir, or --config.resume=False to start over'
 PLOT_EVERY_SECONDS = 60  # curves.png is redrawn at most this often (and at the end)
 
 
@@ -96,18 +98,39 @@ def _check_workdir(workdir: str):
     raise UsageError(f'workdir {workdir} is not writable ({e.strerror})') from None
 
 
+def _epoch_dependents(config) -> dict[str, str]:
+  """{setting: what it changes} for the settings that count their steps from
+  config.num_epochs (the triangle schedule, lookahead): with any, a resumed run cannot
+  change num_epochs."""
+  dependents = {}
+  if config.schedule == 'triangle':
+    dependents['config.schedule=triangle'] = 'learning rate'
+  lookahead = config.get('lookahead')
+  if lookahead is not None and lookahead.enabled:
+    dependents['config.lookahead'] = 'weight averaging'
+  return dependents
+
+
 def check_resume(config, workdir: str) -> None:
   """UsageError if `workdir` holds a run of a different config that we would resume."""
   saved_path = os.path.join(workdir, 'config.json')
-  if not config.resume or not os.path.exists(saved_path):
+  if not config.resume or not os.path.exists(saved_path) or config.allow_config_change:
     return
-  saved = config_lib.load_json(saved_path).to_dict()
-  changed = [d for d in config_lib.differences(saved, config_lib.to_dict(config))
-             if d not in RESUMABLE_CHANGES]
-  if changed and not config.allow_config_change:
+  saved = config_lib.load_json(saved_path)
+  resumable = RESUMABLE_CHANGES + (() if _epoch_dependents(saved) else ('num_epochs',))
+  changed = [d for d in config_lib.differences(saved.to_dict(), config_lib.to_dict(config))
+             if d not in resumable]
+  override = '--config.allow_config_change=True to resume anyway'
+  if changed == ['num_epochs']:
+    dependents = _epoch_dependents(saved)
+    raise UsageError(f'{workdir} holds a run of num_epochs={saved.num_epochs} whose '
+                     f'{" and ".join(dependents)} count steps from that total: resuming it with '
+                     f'num_epochs={config.num_epochs} would change its '
+                     f'{" and ".join(dependents.values())} mid-run; {START_OVER_HINT}, or '
+                     f'{override}')
+  if changed:
     raise UsageError(f'{workdir} holds a run with a different config ({", ".join(changed)}); '
-                     f'use another --workdir, --config.resume=False to start over, or '
-                     f'--config.allow_config_change=True to resume anyway')
+                     f'{START_OVER_HINT}, or {override}')
 
 
 def epoch_record(epoch, train_sums, test_sums, learning_rate, seconds, images,
@@ -141,9 +164,12 @@ def _prepare_workdir(config, workdir: str, ckpts, state, is_main: bool):
   Returns (state, start_epoch, start_step, partial train sums, records so far).
   """
   metrics_log = reporting.MetricsLog(os.path.join(workdir, 'metrics.jsonl'))
-  restored = ckpts.restore_latest_valid(state, log=_log) if config.resume else None
+  restored = (ckpts.restore_latest_valid(state, log=_log, hint=f'; {START_OVER_HINT}')
+              if config.resume else None)
   if not restored:
-    if ckpts.steps():
+    if config.resume:
+      _check_nothing_to_lose(workdir, metrics_log.read(), ckpts.set_aside())
+    if ckpts.steps() or ckpts.set_aside():
       _log(f'Starting over (config.resume=False): removing the checkpoints in {ckpts.directory}')
       ckpts.delete_all()
     if is_main:
@@ -158,6 +184,23 @@ def _prepare_workdir(config, workdir: str, ckpts, state, is_main: bool):
   if step_in_epoch == 0:  # an end-of-epoch checkpoint: continue with the next epoch
     return state, epoch + 1, 0, {}, records
   return state, epoch, step_in_epoch, meta.get('train_sums', {}), records
+
+
+def _check_nothing_to_lose(workdir: str, records: list[dict], set_aside: list[str]):
+  """UsageError if a workdir without a checkpoint to resume holds a run: checkpoints set
+  aside as unreadable, or metrics of more than epoch 1 (a kill before the first
+  checkpoint was complete can leave epoch 1's record alone: that run starts over)."""
+  found = []
+  if any(r['epoch'] > 1 for r in records):
+    found.append(f'metrics.jsonl with {len(records)} epochs')
+  if set_aside:
+    found.append(f'unreadable checkpoints set aside as {", ".join(set_aside)}')
+  if found:
+    raise UsageError(f'{workdir} holds a run ({"; ".join(found)}) but no checkpoint to resume '
+                     f'from; --config.resume=False starts over (removing them), or use another '
+                     f'--workdir')
+  if records:
+    _log('No checkpoint of epoch 1 was complete: starting over')
 
 
 def train_and_evaluate(config, workdir: str) -> list[dict]:
@@ -188,18 +231,20 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
   is_main = parallel.is_main_process()
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-  ckpts = checkpoints_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
-                                      keep=config.checkpoint_keep)
-  try:
-    return _train(config, workdir, mesh, num_params, train_split, eval_split, split_name,
-                  ckpts, is_main)
-  except OSError as e:
-    if checkpoints_lib.disk_full(e):
-      raise UsageError(f'disk full while writing to {workdir} ({e.strerror}: {e.filename}); '
-                       f'free space and rerun the same command to resume') from None
-    raise
-  finally:
-    ckpts.close()  # waits for a checkpoint still being written
+  # One trainer per workdir, held until every checkpoint is written.
+  with workdir_lock.acquire_for_run(workdir, log=_log) or contextlib.nullcontext():
+    ckpts = checkpoints_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                        keep=config.checkpoint_keep)
+    try:
+      return _train(config, workdir, mesh, num_params, train_split, eval_split, split_name,
+                    ckpts, is_main)
+    except OSError as e:
+      if checkpoints_lib.disk_full(e):
+        raise UsageError(f'disk full while writing to {workdir} ({e.strerror}: {e.filename}); '
+                         f'free space and rerun the same command to resume') from None
+      raise
+    finally:
+      ckpts.close()  # waits for a checkpoint still being written
 
 
 def _train(config, workdir, mesh, num_params, train_split, eval_split, split_name, ckpts,

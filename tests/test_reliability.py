@@ -2,19 +2,28 @@
 
 import hashlib
 import json
+import os
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from experiments import smoke
+from jaxres import checkpoints, models, optim, train, workdir_lock
+from jaxres.errors import UsageError
 from tests.conftest import read_metrics
+from tests.test_parallel import _devices, _free_port
 
 SMOKE = ('--config', 'experiments/smoke.py')
+TMP_SUFFIX = '.orbax-checkpoint-tmp'  # Orbax's name for a checkpoint being written
 
 
 def _wait_for(predicate, proc, timeout=300, poll=0.002):
@@ -56,16 +65,19 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_metrics(smoke_run, 
   _wait_for(lambda: _checkpoint_being_written(workdir) or read_metrics(workdir), proc)
   proc.kill()
   proc.wait()
-  # 2. rerun, kill -9 in the middle of epoch 3.
+  # 2. rerun (taking over the dead trainer's lock), kill -9 in the middle of epoch 3.
   proc = start_cli('jaxres.train', *SMOKE, '--workdir', workdir)
   _wait_for(lambda: len(read_metrics(workdir)) >= 2, proc)
   time.sleep(0.4)
   proc.kill()
-  proc.wait()
-  # 3. rerun to the end.
+  _, stderr = proc.communicate()
+  assert stderr.startswith(f'warning: taking over the lock of {workdir} left by host '), stderr
+  # 3. rerun to the end: whatever a kill left half-written is gone, and so is the lock.
   done = run_cli('jaxres.train', *SMOKE, '--workdir', workdir)
   assert done.returncode == 0, done.stderr
   assert read_metrics(workdir, drop_timing=True) == expected
+  assert not [p for p in (workdir / 'checkpoints').iterdir() if TMP_SUFFIX in p.name]
+  assert not (workdir / workdir_lock.LOCK_NAME).exists()
 
 
 @pytest.mark.parametrize('signum, code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -93,7 +105,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(smoke_run, run_cli
       f.write_bytes(f.read_bytes()[:7])  # truncated
   proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir)
   assert proc.returncode == 0, proc.stderr
-  assert 'warning: checkpoint 48' in proc.stderr and 'unreadable' in proc.stderr
+  assert proc.stderr.startswith(f'warning: checkpoint 48 in {workdir / "checkpoints"} is '
+                                f'unreadable (') and proc.stderr.count('\n') == 1, proc.stderr
   assert 'Resuming from checkpoint 32' in proc.stdout
   assert (workdir / 'checkpoints' / 'corrupt-48').is_dir()
   assert read_metrics(workdir, drop_timing=True) == read_metrics(smoke_run[0], drop_timing=True)
@@ -216,3 +229,235 @@ def test_resume_refuses_a_changed_recipe_but_not_a_changed_allocator(smoke_run, 
   # takes the command through its restart.
   proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.host_allocator=hugepages')
   assert proc.returncode == 0, proc.stderr
+
+
+def _truncate(directory):
+  for f in Path(directory).rglob('*'):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[:7])
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_and_left_alone(smoke_run, run_cli, tmp_path):
+  workdir = _copy_run(smoke_run, tmp_path)
+  before = _tree_hashes(workdir)
+  proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=4',
+                 '--config.allow_config_change=True', '--config.model.widths=(16,32,64,128)')
+  _assert_clean_failure(proc)
+  assert (f'checkpoint 48 in {workdir / "checkpoints"} does not fit this run: params/bn1/bias '
+          f'is float32[8] in the checkpoint but float32[16] in this run') in proc.stderr
+  assert _tree_hashes(workdir) == before
+
+
+def test_unreadable_checkpoints_are_set_aside_and_the_run_never_restarts_silently(
+    smoke_run, run_cli, tmp_path):
+  workdir = _copy_run(smoke_run, tmp_path)
+  _truncate(workdir / 'checkpoints')
+  proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert [line.split(' in ')[0] for line in lines[:3]] == [
+      'warning: checkpoint 48', 'warning: checkpoint 32', 'warning: checkpoint 16']
+  assert len(lines) == 4 and lines[3].startswith('error: no readable checkpoint in ')
+  names = ['corrupt-16', 'corrupt-32', 'corrupt-48']
+  assert sorted(os.listdir(workdir / 'checkpoints')) == names
+  before = _tree_hashes(workdir)
+  again = run_cli('jaxres.train', *SMOKE, '--workdir', workdir)
+  _assert_clean_failure(again)
+  assert (f'{workdir} holds a run (metrics.jsonl with 3 epochs; unreadable checkpoints set '
+          f'aside as {", ".join(names)}) but no checkpoint to resume from; '
+          f'--config.resume=False starts over') in again.stderr
+  assert _tree_hashes(workdir) == before
+  over = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.resume=False',
+                 '--config.num_epochs=1')
+  assert over.returncode == 0, over.stderr
+  assert os.listdir(workdir / 'checkpoints') == ['16'] and len(read_metrics(workdir)) == 1
+
+
+def _smoke_target(fields=None):
+  """The abstract TrainState of the smoke config with `fields` ({'a.b': value}) changed."""
+  config = smoke.get_config()
+  config.update_from_flattened_dict(fields or {})
+  return checkpoints.abstract_state(config, models.create_model(config, 1),
+                                    optim.create_optimizer(config))
+
+
+DAMAGES = {
+    'array data truncated': lambda step: _truncate(step / 'state' / 'ocdbt.process_0'),
+    'array metadata missing': lambda step: (step / 'state' / '_METADATA').unlink(),
+    'tree metadata garbled': lambda step: (step / 'state' / '_METADATA').write_text('{"tree'),
+    'position (meta) garbled': lambda step: (step / 'meta' / 'metadata').write_text('{"epo'),
+    'state missing': lambda step: shutil.rmtree(step / 'state'),
+}
+
+
+@pytest.mark.parametrize('damage', sorted(DAMAGES))
+def test_only_a_checkpoint_that_cannot_be_read_is_set_aside(damage, smoke_run, tmp_path):
+  directory = _copy_run(smoke_run, tmp_path) / 'checkpoints'
+  DAMAGES[damage](directory / '48')
+  ckpts = checkpoints.Checkpoints(str(directory))
+  warnings = []
+  step, _, meta = ckpts.restore_latest_valid(_smoke_target(),
+                                             log=lambda *a, **k: warnings.append(a[0]))
+  ckpts.close()
+  assert (step, meta['epoch']) == (32, 2)
+  assert len(warnings) == 1 and warnings[0].startswith(f'warning: checkpoint 48 in {directory} '
+                                                       f'is unreadable (')
+  assert sorted(os.listdir(directory)) == ['16', '32', 'corrupt-48']
+
+
+@pytest.mark.parametrize('fields, difference', [
+    ({'optimizer': 'sgd'}, 'opt_state/inner_state/inner_states/default/inner_state/0/1/trace/'
+                           'bn1/bias is absent in the checkpoint but float32[8] in this run'),
+    ({'lookahead.enabled': True},
+     'slow/batch_stats/bn1/mean is absent in the checkpoint but float32[8] in this run'),
+], ids=['optimizer', 'lookahead'])
+def test_a_checkpoint_of_another_optimizer_or_lookahead_is_not_damage(fields, difference,
+                                                                       smoke_run, tmp_path):
+  directory = _copy_run(smoke_run, tmp_path) / 'checkpoints'
+  before = _tree_hashes(directory)
+  ckpts = checkpoints.Checkpoints(str(directory))
+  with pytest.raises(UsageError) as refused:
+    ckpts.restore_latest_valid(_smoke_target(fields))
+  ckpts.close()
+  assert str(refused.value).startswith(f'checkpoint 48 in {directory} does not fit this run: '
+                                       f'{difference} ')
+  assert _tree_hashes(directory) == before
+
+
+def test_running_out_of_memory_while_restoring_moves_nothing(smoke_run, tmp_path, monkeypatch):
+  directory = _copy_run(smoke_run, tmp_path) / 'checkpoints'
+  before = _tree_hashes(directory)
+  ckpts = checkpoints.Checkpoints(str(directory))
+
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB')
+
+  monkeypatch.setattr(ckpts.manager, 'restore', out_of_memory)
+  with pytest.raises(UsageError, match=f'^out of memory while restoring checkpoint 48 from '
+                                       f'{directory} .*; nothing was changed'):
+    ckpts.restore_latest_valid(_smoke_target())
+  ckpts.close()
+  assert _tree_hashes(directory) == before
+
+
+def test_disk_filling_during_a_write_keeps_the_previous_checkpoint(tmp_path):
+  """A write that fails half-way (here: past a file-size limit, as on a full disk) is a
+  one-line error; the half-written checkpoint is ignored, then removed by the next save."""
+  directory = str(tmp_path / 'checkpoints')
+  state = {'w': jax.random.normal(jax.random.PRNGKey(0), (256, 256))}  # 256 KiB, incompressible
+  ckpts = checkpoints.Checkpoints(directory)
+  ckpts.save(1, state, {'epoch': 1, 'step_in_epoch': 0})
+  ckpts.wait()
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then writes fail with EFBIG
+  resource.setrlimit(resource.RLIMIT_FSIZE, (100 << 10, limits[1]))
+  try:
+    with pytest.raises(UsageError, match=f'^disk full while writing a checkpoint to {directory} '
+                                         r'\(File too large\); free space and rerun'):
+      ckpts.save(2, state, {'epoch': 2, 'step_in_epoch': 0})
+      ckpts.wait()
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, handler)
+  assert f'2{TMP_SUFFIX}' in os.listdir(directory)
+  ckpts = checkpoints.Checkpoints(directory)
+  assert ckpts.steps() == [1]
+  assert ckpts.restore(1, state)[1] == {'epoch': 1, 'step_in_epoch': 0}
+  ckpts.save(3, state, {'epoch': 3, 'step_in_epoch': 0})
+  ckpts.close()
+  assert sorted(os.listdir(directory)) == ['1', '3']
+
+
+def _write_saved_config(workdir, **fields):
+  config = smoke.get_config()
+  config.update_from_flattened_dict(fields)
+  workdir.mkdir(exist_ok=True)
+  (workdir / 'config.json').write_text(config.to_json())
+  return config
+
+
+@pytest.mark.parametrize('fields, refused', [
+    ({'schedule': 'plateau'}, None),
+    ({'schedule': 'constant'}, None),
+    ({'schedule': 'triangle'}, 'config.schedule=triangle count steps from that total: '
+                               'resuming it with num_epochs=5 would change its learning rate'),
+    ({'lookahead.enabled': True}, 'config.lookahead count steps from that total'),
+], ids=['plateau', 'constant', 'triangle', 'lookahead'])
+def test_extending_num_epochs_is_refused_where_a_total_depends_on_it(fields, refused, tmp_path):
+  config = _write_saved_config(tmp_path, **fields)
+  config.num_epochs = 5
+  if refused:
+    with pytest.raises(UsageError, match=f'holds a run of num_epochs=3 whose {refused}'):
+      train._check_resume(config, str(tmp_path))  # pylint: disable=protected-access
+    config.allow_config_change = True
+  train._check_resume(config, str(tmp_path))  # pylint: disable=protected-access
+
+
+def test_config_file_errors_name_the_file_and_line(run_cli, tmp_path):
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config(:\n  pass\n')
+  raising = tmp_path / 'raising.py'
+  raising.write_text('from experiments import smoke\n\n\ndef get_config():\n'
+                     '  return smoke.get_config()[0]\n')
+  cases = [(('jaxres.train', '--workdir', tmp_path / 'w'), broken,
+            f'{broken}, line 1: SyntaxError: invalid syntax'),
+           (('tools.count_params',), raising, f"{raising}, line 5: KeyError: '0'")]
+  for args, config, message in cases:
+    proc = run_cli(*args, '--config', config)
+    _assert_clean_failure(proc)
+    assert proc.stderr.strip() == f'error: cannot load the --config file: {message}'
+  assert not (tmp_path / 'w').exists()
+
+
+def test_a_running_trainer_keeps_other_trainers_out_but_not_readers(smoke_run, start_cli,
+                                                                     run_cli, tmp_path):
+  workdir = _copy_run(smoke_run, tmp_path)
+  lock = workdir / workdir_lock.LOCK_NAME
+  proc = start_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=100')
+  assert _wait_for(lock.exists, proc)
+  second = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=100')
+  _assert_clean_failure(second)
+  assert (f'error: workdir {workdir} is in use by another trainer (host {socket.gethostname()}, '
+          f'pid {proc.pid}, since ') in second.stderr
+  reader = run_cli('jaxres.eval', '--workdir', workdir, '--json')
+  assert reader.returncode == 0, reader.stderr
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 143, stderr
+  assert not lock.exists()
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_and_a_busy_workdir_stops_both(
+    start_cli, tmp_path):
+  workdir = tmp_path / 'run'
+
+  def start_pair():
+    address = f'127.0.0.1:{_free_port()}'
+    return [start_cli('jaxres.train', *SMOKE, '--workdir', workdir,
+                      env={**_devices(2), 'JAX_COORDINATOR_ADDRESS': address,
+                           'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i)})
+            for i in range(2)]
+
+  # Process 0 finds the workdir in use: process 1 learns it and stops as well.
+  workdir.mkdir()
+  (workdir / workdir_lock.LOCK_NAME).write_text(json.dumps(
+      {'host': socket.gethostname(), 'pid': os.getpid(), 'started': 'now', 'token': 'test'}))
+  outputs = [p.communicate(timeout=300) for p in start_pair()]
+  for _, err in outputs:
+    assert err.strip() == (f'error: workdir {workdir} is in use by another trainer (host '
+                           f'{socket.gethostname()}, pid {os.getpid()}, since now); wait for it '
+                           f'to finish or stop it (a lock left by a process that died is taken '
+                           f'over)')
+  # SIGTERM to process 1 only: both write the checkpoint and stop.
+  (workdir / workdir_lock.LOCK_NAME).unlink()
+  procs = start_pair()
+  assert _wait_for(lambda: read_metrics(workdir), procs[0])
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 143, err
+    assert err.strip().endswith('checkpoint written, rerun the same command to resume')
+  epochs = [r['epoch'] for r in read_metrics(workdir)]
+  assert epochs in ([1], [1, 2])  # stopped before the end, at the same step on both
+  assert any(p.name.isdigit() for p in (workdir / 'checkpoints').iterdir())
+  assert not (workdir / workdir_lock.LOCK_NAME).exists()
