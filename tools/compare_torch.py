@@ -45,7 +45,7 @@ import numpy as np
 from ml_collections import config_flags
 import torch
 
-from jaxres import cli, config_lib, host_allocator, input_pipeline, models, optim, steps
+from jaxres import cli, config_lib, input_pipeline, models, optim, runtime, steps
 from jaxres import torch_compat, torch_reference, train_state
 from jaxres.errors import UsageError
 
@@ -473,7 +473,7 @@ def command():
     from tools import compare_seeds  # imports this module
     config = compare_seeds.comparison_config(config, values['epochs'], values['train_images'],
                                              values['test_images'])
-    host_allocator.apply(config.host_allocator)  # may restart this command, once
+    runtime.start(config)  # as jaxres.train starts: validation, allocator, JAX options
     torch.set_num_threads(values['torch_threads'])
     summary = compare_seeds.run_all(config, out_flag.value, values['seeds'])
     print(compare_seeds.markdown(summary), end='')
