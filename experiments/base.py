@@ -23,9 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.param_budget = 5_000_000
   # Host memory (jaxres.host_allocator): 'hugepages' restarts the command once with glibc
   # asked for transparent huge pages, so the CPU backend's big buffers fault in 2 MB at a
-  # time, not 4 KB (fast.py's step: 1.5x on a 2-core CPU, BENCHMARKS.md); 'system' leaves
-  # malloc alone.
-  # Applied on the CPU only (on an accelerator the activations live on the device).
+  # time, not 4 KB (measured in BENCHMARKS.md); 'system' leaves malloc alone. Applied on
+  # the CPU only (on an accelerator the activations live on the device).
   config.host_allocator = 'hugepages'
 
   # torch.optim.Adam(lr=1e-3, weight_decay=1e-4): L2 added to the gradient (not AdamW).
@@ -91,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.root = 'data/cifar10'
   config.data.download = True
   config.data.num_workers = 2
-  config.data.augment = 'seed'  # seed | flip_crop | none
+  config.data.augment = 'seed'  # seed | flip_crop | reflect_translate | none
   # Dataset on the devices, augmentation inside the step (True), or torchvision's
   # transforms in DataLoader workers (False, the seed's own path). None: automatic, on
   # the device on an accelerator (a host loader would starve it), torchvision on a CPU.

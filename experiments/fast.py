@@ -45,8 +45,7 @@ DECAY_PER_EXAMPLE = 2e-6  # decay per step = this x batch
 def get_config():
   config = base.get_config()
   # 10 epochs: the count of the holdout run that chose lookahead (below), and what 30
-  # minutes hold with a margin on the 2-core CPU of BENCHMARKS.md: 11 epochs took 1,771 and
-  # 1,775 s without lookahead (runs 9 and 10, 25-29 s spare), 10 took 1,646 s (run 8).
+  # minutes hold with a margin on the 2-core CPU of BENCHMARKS.md (its fast.py runs).
   config.num_epochs = 10
   config.batch_size = BATCH
   config.eval_batch_size = 1000
@@ -69,8 +68,8 @@ def get_config():
   config.muon.nesterov = True
   config.muon.ns_steps = 3
   # Lookahead (airbench94's: every 5 steps from epoch 3, decay 0.95, rho growing as
-  # (step / total)^3): 91.02 % against 90.82 % without it on a 10-epoch run holding out
-  # 5000 training images (BENCHMARKS.md), one run each.
+  # (step / total)^3), chosen on a 10-epoch run holding out 5000 training images against
+  # one without it (BENCHMARKS.md, one run each).
   config.lookahead.enabled = True
   config.lookahead.start_epoch = 3
   config.lookahead.every = 5
