@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxres.errors import UsageError
+from jaxres.errors import UsageError, causes
 
 _policy = checkpoint_managers.preservation_policy
 
@@ -44,19 +44,10 @@ def _accuracy(metrics) -> float:
   return metrics['test_accuracy']
 
 
-def _chain(exc: Optional[BaseException]) -> list[BaseException]:
-  """`exc` and what caused it, outermost first."""
-  chain = []
-  while exc is not None and all(exc is not e for e in chain):
-    chain.append(exc)
-    exc = exc.__cause__ or exc.__context__
-  return chain
-
-
 def disk_full(exc: BaseException) -> Optional[str]:
   """What filled up ('No space left on device', 'Disk quota exceeded', 'File too large')
   if `exc` (or what caused it) is a full disk, a quota or a file-size limit, else None."""
-  for e in _chain(exc):
+  for e in causes(exc):
     if isinstance(e, OSError) and e.errno in _DISK_FULL:
       return os.strerror(e.errno)
     for text in _DISK_FULL_TEXT:
@@ -67,12 +58,12 @@ def disk_full(exc: BaseException) -> Optional[str]:
 
 def _out_of_memory(exc: BaseException) -> bool:
   return any(isinstance(e, MemoryError) or any(t in str(e) for t in _OUT_OF_MEMORY_TEXT)
-             for e in _chain(exc))
+             for e in causes(exc))
 
 
 def _root_cause(exc: BaseException, limit: int = 200) -> str:
   """'Type: message' of what first went wrong (Orbax wraps TensorStore's errors)."""
-  root = _chain(exc)[-1]
+  root = causes(exc)[-1]
   return f'{type(root).__name__}: {" ".join(str(root).split())[:limit]}'
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 from absl import flags
 from absl import logging
 
-from jaxres.errors import Interrupted, NonFiniteLossError, UsageError
+from jaxres.errors import Interrupted, NonFiniteLossError, UsageError, causes
 
 
 def fail(message: str, code: int = 2):
@@ -50,15 +50,12 @@ def config_file_error(exc: BaseException) -> Optional[str]:
   """'FILE, line N: Type: message' for an error in a config file (a syntax error, or
   an exception its get_config() or what it imports raised), else None. absl wraps a
   ValueError or TypeError of a flag's parser: the cause is looked for as well."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, SyntaxError) and exc.filename:
-      return f'{exc.filename}, line {exc.lineno}: {type(exc).__name__}: {exc.msg}'
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _library_file(f.filename)]
+  for e in causes(exc):
+    if isinstance(e, SyntaxError) and e.filename:
+      return f'{e.filename}, line {e.lineno}: {type(e).__name__}: {e.msg}'
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not _library_file(f.filename)]
     if frames:
-      return f'{frames[-1].filename}, line {frames[-1].lineno}: {type(exc).__name__}: {exc}'
-    exc = exc.__cause__ or exc.__context__
+      return f'{frames[-1].filename}, line {frames[-1].lineno}: {type(e).__name__}: {e}'
   return None
 
 

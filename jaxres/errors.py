@@ -5,6 +5,16 @@ Every jaxres command maps these to one line on stderr and a documented exit code
 """
 
 
+def causes(exc):
+  """`exc` and the exceptions that caused it (__cause__, else __context__), outermost
+  first."""
+  chain = []
+  while exc is not None and all(exc is not e for e in chain):
+    chain.append(exc)
+    exc = exc.__cause__ or exc.__context__
+  return chain
+
+
 class UsageError(Exception):
   """Bad input: config, flags, data, paths. Exit code 2."""
 

@@ -434,6 +434,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_and_a_busy_workdir_stops_bot
   def start_pair():
     address = f'127.0.0.1:{_free_port()}'
     return [start_cli('jaxres.train', *SMOKE, '--workdir', workdir,
+                      '--config.data.synthetic_train_size=256',  # 4 steps an epoch
+                      '--config.data.synthetic_test_size=100',
                       env={**_devices(2), 'JAX_COORDINATOR_ADDRESS': address,
                            'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i)})
             for i in range(2)]
