@@ -57,7 +57,8 @@ def test_train_mode_runs_both_frameworks_and_reports(compared):
     assert [r['seed'] for r in runs] == [0, 1]
     for run in runs:
       records = read_metrics(out / run['workdir'])
-      assert [r['epoch'] for r in records] == [1, 2] and set(records[0]) == RECORD_KEYS
+      assert [r['epoch'] for r in records] == [1, 2]
+      assert set(records[0]) - {'compile_seconds'} == RECORD_KEYS  # jaxres's compile time
       assert run['records'] == records
       assert run['final']['test_accuracy'] == records[-1]['test_accuracy']
       assert run['cut_epochs'] == run_stats.cut_epochs(records)

@@ -388,9 +388,9 @@ def test_extending_num_epochs_is_refused_where_a_total_depends_on_it(fields, ref
   config.num_epochs = 5
   if refused:
     with pytest.raises(UsageError, match=f'holds a run of num_epochs=3 whose {refused}'):
-      train._check_resume(config, str(tmp_path))  # pylint: disable=protected-access
+      train.check_resume(config, str(tmp_path))
     config.allow_config_change = True
-  train._check_resume(config, str(tmp_path))  # pylint: disable=protected-access
+  train.check_resume(config, str(tmp_path))
 
 
 def test_config_file_errors_name_the_file_and_line(run_cli, tmp_path):

@@ -486,9 +486,9 @@ def train_figures(records: list, seconds: float, first_epoch_end: Optional[float
 
 
 def seed_numbers() -> dict:
-  """The seed's published test accuracies by epoch (tests/torch_reference.PUBLISHED)."""
+  """The seed's published test accuracies by epoch (jaxres.torch_reference.PUBLISHED)."""
   try:
-    from tests.torch_reference import PUBLISHED
+    from jaxres.torch_reference import PUBLISHED
   except ImportError:  # it imports torch, without which the base stage is skipped
     return {}
   return {str(epoch): numbers['test_accuracy'] for epoch, numbers in PUBLISHED.items()}
