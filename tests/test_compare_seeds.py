@@ -8,6 +8,7 @@ The pipeline runs at toy size on generated data: the smoke model, 2 seeds, 2 epo
 import json
 import math
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -15,12 +16,11 @@ import pytest
 from experiments import smoke
 from jaxres import input_pipeline
 from jaxres.errors import UsageError
-from tests.conftest import read_metrics
-from tools import compare_seeds, run_stats
+from tests.conftest import cli_env, read_metrics
+from tools import compare_seeds, run_stats, verify
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
-SIZES = ('--seeds', 2, '--epochs', 2, '--train_images', 256, '--test_images', 100)
 RECORD_KEYS = {'epoch', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy',
                'learning_rate', 'epoch_seconds', 'images_per_second', 'eval_seconds'}
 
@@ -30,13 +30,18 @@ def _config(epochs=2):
 
 
 @pytest.fixture(scope='module')
-def compared(run_cli, tmp_path_factory):
-  """A finished comparison: (out, CompletedProcess)."""
-  out = tmp_path_factory.mktemp('compare') / 'out'
-  proc = run_cli('tools.compare_torch', '--train', '--config', 'experiments/smoke.py', *SIZES,
-                 '--torch_threads', 1, '--out', out)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  return out, proc
+def compared(compile_cache, tmp_path_factory):
+  """A finished comparison, run as tools.verify's comparison stage at --quick size runs it
+  (the same tools.compare_torch command): (out, its output as proc.stdout)."""
+  out = tmp_path_factory.mktemp('compare')
+  stage = verify.compare_stage(True, str(out), (), 2, 10, ())
+  assert stage.args[stage.args.index('--out') + 1:][:1] == (str(out / 'compare'),)
+  env = {**verify.stage_env(), **cli_env(cache_dir=compile_cache)}
+  result = verify.run_stage(stage, str(out), env, stage.share)
+  text = (out / 'compare.log').read_text()
+  assert result['status'] == 'passed', text
+  assert result['figures'] == verify.compare_figures(str(out / 'compare'))
+  return out / 'compare', types.SimpleNamespace(stdout=text, result=result)
 
 
 # ---------------------------------------------------------------------------- the command
@@ -88,6 +93,33 @@ def test_train_mode_runs_both_frameworks_and_reports(compared):
   assert table.count('\n| 2 | ') == 1 and f'Verdict: {summary["verdict"]}.' in table
   assert '95 % interval' in table and table in proc.stdout
   assert (out / 'compare.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_verify_stage_reports_the_comparison(compared):
+  out, proc = compared
+  summary = json.loads((out / 'compare.json').read_text())
+  figures = proc.result['figures']
+  accuracy = summary['final']['test_accuracy']
+  assert figures['jaxres_values'] == accuracy['jaxres']['values'] and figures['torch_n'] == 2
+  assert figures['difference'] == accuracy['welch']['difference']
+  assert figures['verdict'] == summary['verdict'] and figures['epochs'] == 2
+  assert verify.summary(proc.result).endswith(summary['verdict'])
+  lines = verify.compare_table(proc.result)
+  assert lines[1] == (f'compare_torch --train, 2 seeds a side: 2 epochs on {summary["data"]}; '
+                      f'{summary["verdict"]}.')
+  jaxres_row = ('| jaxres | 2 | ' + verify.percent(figures['jaxres_mean']) + ' | '
+                + verify.percent(figures['jaxres_std']) + ' | ')
+  assert any(line.startswith(jaxres_row) for line in lines)
+
+
+def test_verify_plans_the_comparison_only_when_asked():
+  assert 'compare' not in [s.name for s in verify.plan(False, 'out', (), 2, (), True)]
+  stage = verify.plan(False, 'out', ('--config.data.name=imagefolder',), 2, (), True, 3, 90)[-1]
+  assert stage.name == 'compare' and stage.own_limit and stage.share == 90 * 60
+  assert stage.args == ('-m', 'tools.compare_torch', '--train', '--config',
+                        'experiments/base.py', '--seeds', '3', '--out', 'out/compare',
+                        '--config.data.name=imagefolder')  # the whole dataset: no subset
+  assert verify.compare_figures('no/such/dir') == {}
 
 
 def test_rerun_skips_finished_runs_and_resumes_a_stopped_one(compared, tmp_path):

@@ -58,7 +58,8 @@ def test_quick_run_passes_every_stage(run_cli, tmp_path):
 
 
 def test_bad_flags_are_one_line_exit_2(run_cli, tmp_path):
-  for args in (('--minutes', '0'), ('--data_root', tmp_path), ('--quick', 'extra')):
+  for args in (('--minutes', '0'), ('--data_root', tmp_path), ('--quick', 'extra'),
+               ('--compare_seeds', '1')):
     proc = run_cli('tools.verify', '--out', tmp_path / 'out', *args)
     assert proc.returncode == 2 and proc.stderr.count('\n') == 1, (args, proc.stderr)
     assert proc.stderr.startswith('error: ') and not (tmp_path / 'out').exists()
@@ -145,7 +146,9 @@ def test_run_stage_stops_a_training_run_when_the_next_epoch_would_not_fit(tmp_pa
   assert result['status'] == 'passed' and result['returncode'] == 143, result
   assert result['reason'] == 'stopped by SIGTERM: the next epoch would not fit'
   f = result['figures']
-  assert 1 <= f['epochs'] < 25 and result['seconds'] < 6  # SIGTERM by 6 - 1 s
+  # SIGTERM once the next epoch would end after 6 - 1 s: about 24 epochs in, a few more
+  # where a busy machine delays the supervisor's look; well before the 40th.
+  assert 1 <= f['epochs'] < 30 and result['seconds'] < 6
   assert f['steady_epoch_seconds'] == 0.2 and f['extrapolated_epochs'] == 40
   assert f['seconds_to_first_epoch'] >= 0.2
   assert f['accuracy_by_epoch'][str(f['epochs'])] == f['epochs'] / 100

@@ -1,6 +1,7 @@
 """Check a new machine end to end, on whatever backend it has, in one command.
 
     python -m tools.verify [--quick] [--out DIR] [--data_root PATH] [--minutes N]
+                           [--compare_seeds K [--compare_minutes M]]
     make verify
 
 Run it from the checkout (`PYTHONPATH=. python3 -m tools.verify` where jaxres is not
@@ -20,6 +21,12 @@ command (this interpreter, the checkout as working directory and first on PYTHON
                and gets SIGTERM (the trainer checkpoints and exits) once the next epoch
                would not end in time; its 40-epoch wall time extrapolated, its accuracy
                beside the seed's published numbers
+  compare      off unless --compare_seeds K: tools.compare_torch --train, base.py's whole
+               40 epochs on the whole dataset, K seeds in jaxres and K in PyTorch (the
+               seed's own loop), within --compare_minutes; the final test accuracies, the
+               interval of their difference and the verdict. Longer than the rest put
+               together: a stopped comparison continues where it was when the same command
+               runs again (its runs in --out/compare are kept)
 
 Each stage runs under a time limit: its share (SHARES; base's is --minutes) plus what the
 stages before it left of theirs, base excepted. The shares of the full run add up to just
@@ -72,6 +79,7 @@ SHARES = {
     True: {'environment': 60, 'tests': 120, 'bench': 150, 'fast': 150},
 }
 MINUTES = {False: 2.0, True: 5.0}  # --minutes' default: base's share (quick: 2 epochs, a limit)
+COMPARE_MINUTES = 120.0  # --compare_minutes' default: the comparison's own limit
 STOP_SECONDS = 15  # of base's share, kept for the trainer to stop and checkpoint
 POLL_SECONDS = 0.5
 TAIL_LINES = 15  # of a stage's output, kept in verify.json when it did not pass
@@ -87,6 +95,9 @@ QUICK_FAST = ('--config.model.widths=(16,32,32)', '--config.batch_size=128',
               '--config.model.whiten_images=512', '--config.model.conv_impl=xla',
               '--config.host_allocator=system')
 QUICK_BENCH = ('--batch_size', '16', '--steps', '2')
+# The comparison at toy size: 2 epochs on a class-balanced subset.
+QUICK_COMPARE = ('--epochs', '2', '--train_images', '256', '--test_images', '100',
+                 '--torch_threads', '1')
 # Several pytest workers may share one accelerator: none takes most of its memory up front.
 TESTS_ENV = (('XLA_PYTHON_CLIENT_PREALLOCATE', 'false'),)
 
@@ -262,13 +273,18 @@ class Stage:
   """One stage: `python ARGS` in the checkout, within `share` seconds."""
   name: str  # also its log's file name
   title: str  # what verify.md calls it
-  kind: str  # tests | bench | train: how its figures are read
+  kind: str  # tests | bench | train | compare: how its figures are read
   args: tuple
   share: float
   needs: tuple = ()  # requirement names
   workdir: Optional[str] = None  # train: the run's workdir
   budget: bool = False  # stopped once its next epoch would not end within its share
   env: tuple = ()  # (name, value) defaults added to its environment
+
+  @property
+  def own_limit(self) -> bool:
+    """Whether its share is its whole limit: neither takes nor leaves time to others."""
+    return self.budget or self.kind == 'compare'
 
 
 def missing_for(stage: Stage, missing: dict) -> list:
@@ -297,10 +313,43 @@ def train_args(config: str, workdir: str, overrides: tuple) -> tuple:
           '--config.resume=False') + overrides
 
 
+def compare_stage(quick: bool, out: str, data: tuple, seeds: int, minutes: float,
+                  runtime: tuple) -> Stage:
+  """tools.compare_torch --train of base.py (quick: smoke.py, its generated images or
+  `data`, at toy size), `seeds` runs a side, into out/compare."""
+  config = 'experiments/smoke.py' if quick else 'experiments/base.py'
+  sizes = QUICK_COMPARE + data if quick else data
+  workdir = os.path.join(out, 'compare')
+  return Stage('compare', f'compare_torch --train, {seeds} seeds a side', 'compare',
+               ('-m', 'tools.compare_torch', '--train', '--config', config, '--seeds',
+                str(seeds), '--out', workdir) + sizes, 60 * minutes, runtime, workdir)
+
+
+def compare_figures(workdir: str) -> dict:
+  """The comparison's final test accuracies, interval and verdict (from compare.json;
+  {} where it did not finish)."""
+  path = os.path.join(workdir, 'compare.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    summary = json.load(f)
+  final = summary['final'].get('test_accuracy')
+  if not final:
+    return {}
+  welch = final.get('welch') or {}
+  return {'epochs': summary['num_epochs'], 'data': summary['data'],
+          **{f'{side}_{k}': final[side][k] for side in ('jaxres', 'torch')
+             for k in ('values', 'mean', 'std', 'n')},
+          'difference': welch.get('difference'), 'low': welch.get('low'),
+          'high': welch.get('high'), 'verdict': summary['verdict']}
+
+
 def plan(quick: bool, out: str, data: tuple, minutes: float, runtime: tuple,
-         xdist: bool) -> list:
+         xdist: bool, compare_seeds: int = 0,
+         compare_minutes: float = COMPARE_MINUTES) -> list:
   """The stages after environment. `data`: the trainer's data overrides; `runtime`: the
-  packages every stage needs; `xdist`: whether pytest-xdist is installed."""
+  packages every stage needs; `xdist`: whether pytest-xdist is installed;
+  `compare_seeds`: the comparison's runs a side (0: no comparison)."""
   share = SHARES[quick]
   base = 'experiments/smoke.py' if quick else 'experiments/base.py'
   base_name = os.path.basename(base)
@@ -325,7 +374,8 @@ def plan(quick: bool, out: str, data: tuple, minutes: float, runtime: tuple,
       Stage('base', f'{base_name} for up to {minutes:g} min', 'train',
             train_args(base, base_dir, base_overrides), 60 * minutes, runtime, base_dir,
             budget=True),
-  ]
+  ] + ([compare_stage(quick, out, data, compare_seeds, compare_minutes, runtime)]
+       if compare_seeds else [])
 
 
 def stage_env(quick: bool = False, out: str = '') -> dict:
@@ -499,7 +549,8 @@ def judge(outcome: str, returncode: int, figures: dict, kind: str, text: str,
   """(status, reason) of a stage that ran."""
   stopped = outcome == 'stopped' and returncode in (128 + signal.SIGTERM, -signal.SIGTERM)
   if outcome == 'timeout' or (outcome == 'stopped' and not figures):
-    return 'timeout', f'no result within its {limit:.0f} s'
+    more = ('; the same command continues it' if kind == 'compare' else '')
+    return 'timeout', f'no result within its {limit:.0f} s{more}'
   if returncode and not stopped:
     return 'failed', f'exit code {returncode}: {last_line(text)}'
   if not figures or (kind == 'tests' and (not figures.get('passed') or figures.get('failed'))):
@@ -530,6 +581,8 @@ def run_stage(stage: Stage, out: str, env: dict, limit: float) -> dict:
     figures = pytest_counts(text)
   elif stage.kind == 'bench':
     figures = bench_figures(text)
+  elif stage.kind == 'compare':
+    figures = compare_figures(stage.workdir)
   else:
     records = reporting.MetricsLog(metrics_path).read()
     figures = train_figures(records, seconds, watch and watch.first_epoch_end, stage.budget)
@@ -581,6 +634,9 @@ def summary(stage: dict) -> str:
     return f['device']
   if stage['name'] == 'tests':
     return ', '.join(f'{n} {kind}' for kind, n in f.items())
+  if 'verdict' in f:
+    return (f'test accuracy jaxres {percent(f["jaxres_mean"])} (n={f["jaxres_n"]}), PyTorch '
+            f'{percent(f["torch_mean"])} (n={f["torch_n"]}); {f["verdict"]}')
   if 'jax_train_img_s' in f:
     ratio = f' ({f["ratio"]:.2f}x PyTorch eager)' if f.get('ratio') else ''
     return f'{fmt(f["jax_train_img_s"])} img/s{ratio}'
@@ -633,6 +689,18 @@ def base_table(stage: dict) -> list:
               [(e, percent(ours.get(e)), percent(seed.get(e))) for e in epochs])]
 
 
+def compare_table(stage: dict) -> list:
+  f = stage['figures']
+  if 'verdict' not in f:
+    return []
+  rows = [(name, f[f'{side}_n'], percent(f[f'{side}_mean']), percent(f[f'{side}_std']),
+           ', '.join(percent(v) for v in f[f'{side}_values']))
+          for side, name in (('jaxres', 'jaxres'), ('torch', 'PyTorch'))]
+  return ['', f'{stage["title"]}: {f["epochs"]} epochs on {f["data"]}; {f["verdict"]}.', '',
+          *table(('framework', 'runs', 'mean final test accuracy', 'std', 'runs\' accuracies'),
+                 rows)]
+
+
 def markdown(report: dict) -> str:
   """verify.md: a section for BENCHMARKS.md (from the report or its JSON)."""
   env = report['environment']
@@ -653,6 +721,7 @@ def markdown(report: dict) -> str:
   lines += bench_table(report['stages'])
   lines += fast_table(stages.get('fast', no_figures))
   lines += base_table(stages.get('base', no_figures))
+  lines += compare_table(stages.get('compare', no_figures))
   return '\n'.join(lines) + '\n'
 
 
@@ -683,11 +752,15 @@ def git_commit() -> Optional[str]:
 
 
 def command_line(quick: bool, out: str, data_root: Optional[str],
-                 minutes: Optional[float]) -> str:
+                 minutes: Optional[float], compare_seeds: int = 0,
+                 compare_minutes: Optional[float] = None) -> str:
   """The command as a user would type it (for verify.md)."""
   args = ['python', '-m', 'tools.verify'] + (['--quick'] if quick else []) + [f'--out={out}']
   args += [f'--data_root={data_root}'] if data_root else []
-  return shlex.join(args + ([f'--minutes={minutes:g}'] if minutes is not None else []))
+  args += [f'--minutes={minutes:g}'] if minutes is not None else []
+  args += [f'--compare_seeds={compare_seeds}'] if compare_seeds else []
+  return shlex.join(args + ([f'--compare_minutes={compare_minutes:g}']
+                            if compare_seeds and compare_minutes is not None else []))
 
 
 # ------------------------------------------------------------------------------ the run
@@ -716,7 +789,8 @@ def environment_stage(reqs: dict, env_vars: dict, limit: float, out: str,
 
 
 def verify(quick: bool, out: str, data_root: Optional[str], minutes: float,
-           command: str) -> dict:
+           command: str, compare_seeds: int = 0,
+           compare_minutes: float = COMPARE_MINUTES) -> dict:
   """Every stage in turn, the reports rewritten after each; the final report."""
   start = time.monotonic()
   reqs = requirements(os.path.join(REPO, 'pyproject.toml'))
@@ -732,9 +806,9 @@ def verify(quick: bool, out: str, data_root: Optional[str], minutes: float,
   carried = result['limit_seconds'] - result['seconds']
   runtime = tuple(requirement_name(r) for r in reqs['runtime'])
   for stage in plan(quick, os.path.abspath(out), data, minutes, runtime,
-                    'pytest-xdist' not in env['missing']):
+                    'pytest-xdist' not in env['missing'], compare_seeds, compare_minutes):
     absent = missing_for(stage, env['missing'])
-    limit = stage.share + (0.0 if stage.budget else max(carried, 0.0))
+    limit = stage.share + (0.0 if stage.own_limit else max(carried, 0.0))
     if absent:
       result = {'name': stage.name, 'title': stage.title, 'status': 'skipped', 'seconds': 0.0,
                 'limit_seconds': limit, 'figures': {}, 'reason': '; '.join(absent)}
@@ -742,7 +816,7 @@ def verify(quick: bool, out: str, data_root: Optional[str], minutes: float,
       print(f'verify: {stage.title}: running, up to {duration(limit)} '
             f'({os.path.join(out, stage.name)}.log)', flush=True)
       result = run_stage(stage, out, env_vars, limit)
-    if not stage.budget:
+    if not stage.own_limit:
       carried = limit - result['seconds']
     report['stages'].append(result)
     report['seconds'] = round(time.monotonic() - start, 1)
@@ -771,14 +845,27 @@ def command():
   minutes_flag = flags.DEFINE_float(
       'minutes', None, 'Minutes for the base.py stage: as many epochs as fit, the 40-epoch '
       f'time extrapolated (default {MINUTES[False]:g}; --quick: {MINUTES[True]:g}).')
+  compare_flag = flags.DEFINE_integer(
+      'compare_seeds', 0, 'Also run the comparison stage: base.py for its 40 epochs on the '
+      'whole dataset, this many seeds in jaxres and as many in PyTorch (0: no comparison; '
+      'it needs 2 or more for a verdict). Hours on one GPU for 3 seeds.')
+  compare_minutes_flag = flags.DEFINE_float(
+      'compare_minutes', COMPARE_MINUTES, 'The comparison stage\'s time limit in minutes; '
+      'what it finished is kept, and the same command continues it.')
 
   def main(argv):
     if len(argv) > 1:
       raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     quick, out, data_root, minutes = (quick_flag.value, out_flag.value, data_flag.value,
                                       minutes_flag.value)
+    compare_seeds, compare_minutes = compare_flag.value, compare_minutes_flag.value
     if minutes is not None and minutes * 60 <= STOP_SECONDS:
       raise UsageError(f'--minutes must be more than {STOP_SECONDS / 60:g}, got {minutes:g}')
+    if compare_seeds < 0 or compare_seeds == 1:
+      raise UsageError(f'--compare_seeds must be 0 (no comparison) or 2 or more (a verdict '
+                       f'needs 2 runs a side), got {compare_seeds}')
+    if compare_minutes <= 0:
+      raise UsageError(f'--compare_minutes must be positive, got {compare_minutes:g}')
     if data_root is not None:
       if not os.path.isdir(data_root):
         raise UsageError(f'--data_root {data_root} is not a directory')
@@ -788,7 +875,9 @@ def command():
     except OSError as e:
       raise UsageError(f'cannot create --out {out} ({e.strerror})') from None
     report = verify(quick, out, data_root, MINUTES[quick] if minutes is None else minutes,
-                    command_line(quick, out, data_root, minutes))
+                    command_line(quick, out, data_root, minutes, compare_seeds,
+                                 None if compare_minutes == COMPARE_MINUTES else compare_minutes),
+                    compare_seeds, compare_minutes)
     print(f'verify: {"every stage passed" if report["passed"] else "not every stage passed"}'
           f' in {duration(report["seconds"])}; report in {os.path.join(out, "verify.md")}')
     return 0 if report['passed'] else 1
