@@ -134,4 +134,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.allow_config_change = False  # resume although the saved config differs
   config.progress = True  # progress bar within an epoch, on a terminal
   config.log_train_steps = False  # also write DIR/train_steps.jsonl (loss of every step)
+  config.tensorboard = True  # also write TensorBoard event files into DIR (tensorboard --logdir)
   return config

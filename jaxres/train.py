@@ -4,8 +4,9 @@ Any config field can be overridden on the command line: --config.num_epochs=10,
 --config.data.root=/data/cifar10, --config.model.widths='(16,32,64,128)'.
 
 The workdir receives metrics.jsonl (one JSON object per epoch), curves.png,
-config.json (the resolved config) and checkpoints/ (Orbax: the last few and the best by
-test accuracy). Rerunning the same command on the same workdir resumes.
+TensorBoard event files (events.out.tfevents.*), config.json (the resolved config) and
+checkpoints/ (Orbax: the last few and the best by test accuracy). Rerunning the same
+command on the same workdir resumes.
 """
 
 import contextlib
@@ -24,7 +25,7 @@ from ml_collections import config_flags
 
 from jaxres import checkpoints as checkpoints_lib
 from jaxres import cli, config_lib, evaluation, feeds, input_pipeline, models
-from jaxres import optim, parallel, reporting, runtime, steps, workdir_lock
+from jaxres import optim, parallel, reporting, runtime, steps, tensorboard, workdir_lock
 from jaxres import train_state as train_state_lib
 from jaxres.errors import Interrupted, NonFiniteLossError, UsageError
 
@@ -32,7 +33,7 @@ CHECK_EVERY = 50  # steps between host-side looks at the loss (non-finite check,
 # Fields that may differ between a run and its resumption: they do not change what is
 # computed. num_epochs too, where nothing computes a total from it (_epoch_dependents).
 RESUMABLE_CHANGES = ('resume', 'allow_config_change', 'progress', 'data.num_workers',
-                     'log_train_steps', 'host_allocator', 'compilation_cache')
+                     'log_train_steps', 'tensorboard', 'host_allocator', 'compilation_cache')
 # What to do about a workdir whose run cannot continue as asked.
 START_OVER_HINT = 'use another --workdir, or --config.resume=False to start over'
 PLOT_EVERY_SECONDS = 60  # curves.png is redrawn at most this often (and at the end)
@@ -274,6 +275,10 @@ def _train(config, workdir, mesh, num_params, train_split, eval_split, split_nam
                if config.log_train_steps and is_main else None)
   if steps_log:
     steps_log.keep_while(lambda r: r['step'] <= int(jax.device_get(state.step)))
+  # Events beside metrics.jsonl; a resumed run starts a new file (config.get: configs
+  # saved before the field existed write them too).
+  tb_writer = (tensorboard.EventWriter(workdir, start_step=int(jax.device_get(state.step)) + 1)
+               if config.get('tensorboard', True) and is_main else None)
 
   # One compiled step per set of frozen parameters (optim.frozen_in_epoch): a parameter
   # that config.frozen_after freezes stops costing its backward pass in later epochs.
@@ -300,13 +305,14 @@ def _train(config, workdir, mesh, num_params, train_split, eval_split, split_nam
   last_plot = time.perf_counter()
   # Compilation (each new step, and the evaluation's first call) is timed apart:
   # epoch_seconds and eval_seconds leave it out, compile_seconds holds it.
-  with _StopRequests() as stop, reporting.CompileClock() as clock:
+  with (_StopRequests() as stop, reporting.CompileClock() as clock,
+        tb_writer or contextlib.nullcontext()):
     for epoch in range(start_epoch, config.num_epochs + 1):
       resumed = epoch == start_epoch
       compiled_before = clock.seconds
       state, sums = _train_epoch(state, dict(partial_sums) if resumed else {}, epoch,
                                  start_step if resumed else 0, train_fn_for(epoch), feed,
-                                 ckpts, config, stop, steps_log, clock)
+                                 ckpts, config, stop, steps_log, clock, tb_writer)
       if sync_fn:
         state = sync_fn(state)
       t_eval, compiled_before_eval = time.perf_counter(), clock.seconds
@@ -327,6 +333,9 @@ def _train(config, workdir, mesh, num_params, train_split, eval_split, split_nam
       records.append(record)
       if is_main:
         metrics_log.append(record)
+        if tb_writer:
+          tb_writer.scalars(tensorboard.epoch_scalars(record), int(jax.device_get(state.step)))
+          tb_writer.flush()
         if time.perf_counter() - last_plot > PLOT_EVERY_SECONDS or epoch == config.num_epochs:
           reporting.plot_curves(records, os.path.join(workdir, 'curves.png'))
           last_plot = time.perf_counter()
@@ -350,9 +359,10 @@ def _per_step(metrics: dict) -> list[dict]:
 
 
 def _train_epoch(state, sums, epoch, first_step, train_fn, feed, ckpts, config, stop,
-                 steps_log=None, clock=None):
+                 steps_log=None, clock=None, tb_writer=None):
   """One epoch (from `first_step`): returns (state, train sums incl. 'seconds', the
-  epoch's wall time less what `clock`, a reporting.CompileClock, counted in it)."""
+  epoch's wall time less what `clock`, a reporting.CompileClock, counted in it).
+  tb_writer (a tensorboard.EventWriter) gets the loss of the steps between two looks."""
   progress = reporting.Progress(feed.num_batches, f'epoch {epoch}',
                                 enabled=config.progress and parallel.is_main_process())
   t0, compiled_before = time.perf_counter(), clock.seconds if clock else 0.0
@@ -372,6 +382,9 @@ def _train_epoch(state, sums, epoch, first_step, train_fn, feed, ckpts, config, 
         steps_log.append({'step': int(m['step']), 'epoch': epoch,
                           'loss': float(m['loss_sum']) / float(m['count']),
                           'accuracy': float(m['correct']) / float(m['count'])})
+    if tb_writer and fetched:
+      tb_writer.scalars(tensorboard.window_scalars(fetched), int(fetched[-1]['step']))
+      tb_writer.flush()
     return _add_sums(sums, fetched)
 
   for num_steps, args in feed.epoch(epoch, first_step):

@@ -210,8 +210,13 @@ def test_disk_full_while_checkpointing(smoke_run, run_cli, tmp_path):
     _assert_clean_failure(proc)
     assert 'disk full' in proc.stderr
     after = _tree_hashes(workdir)
-    # Checkpoints and metrics are untouched; config.json records the longer run it began.
+    # Checkpoints and metrics are untouched; config.json records the longer run it began,
+    # and a new TensorBoard events file the loss of the steps it took (which a resumed run's
+    # events supersede).
     assert after.pop('config.json') != before.pop('config.json')
+    new = sorted(set(after) - set(before))
+    assert len(new) == 1 and new[0].startswith('events.out.tfevents.'), new
+    del after[new[0]]
     assert after == before
     config = json.loads((workdir / 'config.json').read_text())
     assert config['num_epochs'] == 4
