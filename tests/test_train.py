@@ -1,6 +1,7 @@
 import json
 import re
 
+from jaxres import reporting
 from tests.conftest import read_metrics
 
 EPOCH_LINE = re.compile(r'^Epoch \[(\d+)/3\], Train Loss: [\d.]+, Train Acc: [\d.]+, '
@@ -56,7 +57,7 @@ def test_on_device_feed_scans_steps_and_keeps_the_partial_batch(run_cli, tmp_pat
                  '--config.data.synthetic_train_size=1000', '--config.num_epochs=2',
                  '--config.log_train_steps=True')
   assert proc.returncode == 0, proc.stderr
-  steps = [json.loads(line) for line in (workdir / 'train_steps.jsonl').read_text().splitlines()]
+  steps = reporting.read_jsonl(str(workdir / 'train_steps.jsonl'))
   # 1000 images / 64 = 15 full batches (4 dispatches: 4+4+4+3) and a partial one of 40.
   assert [s['step'] for s in steps] == list(range(1, 33))
   records = read_metrics(workdir)
