@@ -66,6 +66,19 @@ def one_torch_thread():
   torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def register_for_test(monkeypatch):
+  """register_for_test(registry, name, entry): `entry` registered under `name` for this
+  test only (the registry's entries are restored afterwards), as code outside the
+  package registers it."""
+
+  def register(registry, name, entry):
+    monkeypatch.setattr(registry, '_entries', dict(registry._entries))
+    return registry.register(name, entry)
+
+  return register
+
+
 @pytest.fixture(scope='session')
 def compile_cache(tmp_path_factory):
   return tmp_path_factory.mktemp('xla_cache')
