@@ -114,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic_train_size = 0
   config.data.synthetic_test_size = 0
 
-  # Lookahead with an averaged slow copy of the weights (jaxres.steps.Lookahead).
+  # Lookahead with an averaged slow copy of the weights (jaxres.optim.Lookahead).
   config.lookahead = ml_collections.ConfigDict()
   config.lookahead.enabled = False
   config.lookahead.start_epoch = 3

@@ -25,8 +25,8 @@ Three layers:
 * Samplers drawing those parameters with torchvision's distributions (`sample_crop`,
   `sample_hflip`, `sample_color_jitter`, `sample_rotation`, `sample_translate`) and the
   random ops built from them (`random_crop`, ..., `random_translate`).
-* `augment(key, images_uint8, policy)`: the policy registry (`POLICIES`) the input
-  pipeline calls.
+* `augment(key, images_uint8, policy)`: the policy registry (`POLICIES`: each policy's
+  stages here and its torchvision transforms for the host path) the input pipeline calls.
 
 Difference from the seed: the seed runs these transforms on PIL uint8 images, so PIL
 rounds to 0..255 after every op, computes hue on a 0..255 HSV grid and breaks near-ties of
@@ -40,6 +40,7 @@ of pixels; the whole seed chain differs by 1.1 to 1.4 levels on average, with 4 
 values more than 4 levels apart.
 """
 
+import dataclasses
 import functools
 import itertools
 from typing import Callable, Optional, Sequence, Union
@@ -47,6 +48,8 @@ from typing import Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxres.registry import Registry
 
 Array = jax.Array
 Range = Union[float, Sequence[float]]
@@ -107,18 +110,6 @@ def _shift(images: Array, dy: Array, dx: Array, max_shift: tuple[int, int],
 
   return jax.vmap(one)(padded, pad_y - jnp.asarray(dy, jnp.int32),
                        pad_x - jnp.asarray(dx, jnp.int32))
-
-
-def shift(images: Array, dy: int, dx: int, mode: str = 'reflect') -> Array:
-  """out[b, y, x] = images[b, y - dy, x - dx] for static integer shifts, as _shift for
-  every image at once: the content moves dy pixels down and dx right, and the uncovered
-  border is mirrored (mode='reflect', the speed runs' translation) or zero ('constant')."""
-  pad = max(abs(dy), abs(dx))
-  if pad == 0:
-    return images
-  height, width = images.shape[1:3]
-  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
-  return padded[:, pad - dy:pad - dy + height, pad - dx:pad - dx + width]
 
 
 def crop(images: Array, tops: Array, lefts: Array, padding: int,
@@ -573,21 +564,60 @@ def random_rotation_translate(key: Array, images: Array, degrees: Range,
 
 Stage = Callable[[Array, Array], Array]
 
-# Each policy is the list of random stages applied, in order, to float images in [0, 1].
-POLICIES: dict[str, tuple[Stage, ...]] = {
-    'seed': (functools.partial(random_crop, padding=SEED_CROP_PADDING),
-             random_hflip,
-             functools.partial(random_color_jitter, **SEED_JITTER),
-             functools.partial(random_rotation_translate, degrees=SEED_ROTATION_DEGREES,
-                               fraction=SEED_TRANSLATE_FRACTION)),
-    'flip_crop': (functools.partial(random_crop, padding=SEED_CROP_PADDING),
-                  random_hflip),
-    # Translation by up to 2 pixels with reflected borders, the speed runs' augmentation
-    # (their flips alternate by epoch: config.data.alternating_flip, outside the policy).
-    'reflect_translate': (functools.partial(random_crop, padding=SPEEDRUN_TRANSLATE,
-                                            padding_mode='reflect'),),
-    'none': (),
-}
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """A training augmentation config.data.augment can name, in both implementations.
+
+  `stages`: the random stages applied, in order, to float images in [0, 1] on the device
+  (`augment`). `torchvision(image_size)`: the list of torchvision transforms that do the
+  same to one PIL image on the host (input_pipeline.train_transform; ToTensor and
+  Normalize follow), or None for a policy that exists on the device only.
+  """
+
+  stages: tuple[Stage, ...]
+  torchvision: Optional[Callable[[int], list]] = None
+
+
+POLICIES = Registry('augmentation policy', 'config.data.augment')
+
+
+def _seed_transforms(image_size: int) -> list:
+  """The seed's list."""
+  import torchvision.transforms as T
+  return [T.RandomCrop(image_size, padding=SEED_CROP_PADDING),
+          T.RandomHorizontalFlip(),
+          T.ColorJitter(**SEED_JITTER),
+          T.RandomRotation(degrees=SEED_ROTATION_DEGREES),
+          T.RandomAffine(degrees=0, translate=(SEED_TRANSLATE_FRACTION,) * 2)]
+
+
+def _flip_crop_transforms(image_size: int) -> list:
+  import torchvision.transforms as T
+  return [T.RandomCrop(image_size, padding=SEED_CROP_PADDING), T.RandomHorizontalFlip()]
+
+
+def _reflect_translate_transforms(image_size: int) -> list:
+  import torchvision.transforms as T
+  return [T.RandomCrop(image_size, padding=SPEEDRUN_TRANSLATE, padding_mode='reflect')]
+
+
+POLICIES.register('seed', Policy(
+    (functools.partial(random_crop, padding=SEED_CROP_PADDING),
+     random_hflip,
+     functools.partial(random_color_jitter, **SEED_JITTER),
+     functools.partial(random_rotation_translate, degrees=SEED_ROTATION_DEGREES,
+                       fraction=SEED_TRANSLATE_FRACTION)),
+    _seed_transforms))
+POLICIES.register('flip_crop', Policy(
+    (functools.partial(random_crop, padding=SEED_CROP_PADDING), random_hflip),
+    _flip_crop_transforms))
+# Translation by up to 2 pixels with reflected borders, the speed runs' augmentation
+# (their flips alternate by epoch: config.data.alternating_flip, outside the policy).
+POLICIES.register('reflect_translate', Policy(
+    (functools.partial(random_crop, padding=SPEEDRUN_TRANSLATE, padding_mode='reflect'),),
+    _reflect_translate_transforms))
+POLICIES.register('none', Policy((), lambda image_size: []))
 
 
 def augment(key: Array, images_uint8: Array, policy: str) -> Array:
@@ -596,9 +626,7 @@ def augment(key: Array, images_uint8: Array, policy: str) -> Array:
   Stage i of the policy draws its parameters from jax.random.fold_in(key, i).
   `policy` is static (a POLICIES name).
   """
-  if policy not in POLICIES:
-    raise ValueError(f'unknown augmentation policy {policy!r} (choose {", ".join(POLICIES)})')
-  stages = POLICIES[policy]
+  stages = POLICIES.get(policy).stages
   images = to_float(images_uint8)
   for i, stage in enumerate(stages):
     images = stage(jax.random.fold_in(key, i), images)

@@ -8,7 +8,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxres import conv, host_allocator, models, steps, train_state
+from jaxres import augment, conv, evaluation, host_allocator, input_pipeline, models, optim
+from jaxres import train_state
 from jaxres.errors import UsageError
 
 DTYPES = ('float32', 'bfloat16')
@@ -33,18 +34,17 @@ def _validate_conv(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_tta(config: ml_collections.ConfigDict) -> None:
-  """The test-time augmentation fields (eval_tta*; a run's config from before
-  eval_tta_shifts has steps.tta_options' defaults)."""
-  _require(config.eval_tta in ('none', 'flip', 'flip_translate'),
-           f'config.eval_tta must be none, flip or flip_translate, got {config.eval_tta!r}')
+  """The test-time augmentation fields (eval_tta*, evaluation.TTA_MODES; a run's config
+  from before eval_tta_shifts has evaluation.tta_options' defaults)."""
+  evaluation.TTA_MODES.get(config.eval_tta)  # UsageError naming the choices
   if config.eval_tta == 'flip_translate':
-    shifts = config.get('eval_tta_shifts', steps.AIRBENCH_SHIFTS)
+    shifts = config.get('eval_tta_shifts', evaluation.AIRBENCH_SHIFTS)
     size = config.data.image_size
     _require(len(shifts) > 0 and all(
         len(s) == 2 and all(isinstance(v, int) and abs(v) < size for v in s) for s in shifts),
         'config.eval_tta_shifts must be a non-empty list of (dy, dx) integer pairs smaller '
         f'than the image, got {shifts!r}')
-    weight = config.get('eval_tta_center_weight', steps.AIRBENCH_CENTER_WEIGHT)
+    weight = config.get('eval_tta_center_weight', evaluation.AIRBENCH_CENTER_WEIGHT)
     _require(0 <= weight <= 1, f'config.eval_tta_center_weight must be in [0, 1], got {weight!r}')
 
 
@@ -70,9 +70,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'config.host_allocator must be one of {", ".join(host_allocator.POLICIES)}, '
            f'got {config.host_allocator!r}')
   _validate_conv(config)
-  _require(config.optimizer in ('adam', 'sgd'), f'config.optimizer must be adam or sgd, got {config.optimizer!r}')
-  _require(config.schedule in ('plateau', 'constant', 'triangle'),
-           f'config.schedule must be plateau, constant or triangle, got {config.schedule!r}')
+  # Names of the registries (UsageError naming the field and its choices otherwise).
+  optim.OPTIMIZERS.get(config.optimizer)
+  optim.SCHEDULES.get(config.schedule)
   _require(config.bias_lr_scale > 0, 'config.bias_lr_scale must be positive')
   for entry in config.get('frozen_after', ()):
     _require(len(entry) in (2, 3) and entry[1] >= 0 and (len(entry) == 2 or entry[2] > 0),
@@ -89,8 +89,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except re.error as e:
       raise UsageError(f'config.muon.params is not a regex: {e}') from None
   validate_tta(config)
-  _require(config.eval_every_epoch or config.schedule != 'plateau',
-           'config.schedule=plateau steps on the test loss of every epoch: it needs '
+  _require(config.eval_every_epoch or not optim.schedule(config).steps_on_test_loss,
+           f'config.schedule={config.schedule} steps on the test loss of every epoch: it needs '
            'config.eval_every_epoch=True')
   _require(0 < config.plateau.factor < 1, f'config.plateau.factor must be in (0, 1), got {config.plateau.factor!r}')
   _require(config.plateau.patience >= 0, 'config.plateau.patience must be >= 0')
@@ -108,12 +108,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(all(int(b) > 0 for b in m.blocks), 'config.model.blocks must be positive')
   _require(m.num_classes >= 2, f'config.model.num_classes must be >= 2, got {m.num_classes!r}')
   d = config.data
-  _require(d.name in ('cifar10', 'imagefolder', 'synthetic'),
-           f'config.data.name must be cifar10, imagefolder or synthetic, got {d.name!r}')
-  from jaxres import augment  # the policies both paths know
-  policies = tuple(augment.POLICIES)
-  _require(d.augment in policies,
-           f'config.data.augment must be one of {", ".join(policies)}, got {d.augment!r}')
+  input_pipeline.DATASETS.get(d.name)
+  policy = augment.POLICIES.get(d.augment)  # the policies both data paths know
+  _require(policy.torchvision is not None or d.on_device is not False,
+           f'config.data.augment={d.augment} runs on the device only: set '
+           'config.data.on_device=True')
   _require(d.on_device in (None, True, False),
            f'config.data.on_device must be True, False or None (automatic), got {d.on_device!r}')
   _require(not d.alternating_flip or d.on_device is not False,

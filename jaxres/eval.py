@@ -70,8 +70,8 @@ def run_eval(config, state, mesh, data=None, probabilities: bool = False) -> dic
   loader = input_pipeline.eval_loader(split, config, jax.process_index(), jax.process_count(),
                                       mesh.devices.size)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, probabilities=probabilities,
-                                      **steps.tta_options(config)))
-  sums = evaluation.evaluate(eval_fn, state, loader, parallel.data_sharding(mesh))
+                                      **evaluation.tta_options(config)))
+  sums = evaluation.evaluate(eval_fn, state, loader.epoch(0), parallel.data_sharding(mesh))
   result = evaluation.report(sums, split.classes)
   if split_name != 'test':
     result['eval_split'] = split_name
@@ -160,7 +160,7 @@ def command():
   json_flag = flags.DEFINE_bool('json', False, 'Print one JSON object instead of tables.')
   data_name_flag = flags.DEFINE_string('data_name', None, 'Override data.name (of every run).')
   data_root_flag = flags.DEFINE_string('data_root', None, 'Override data.root (of every run).')
-  tta_flag = flags.DEFINE_enum('tta', None, ['none', 'flip', 'flip_translate'],
+  tta_flag = flags.DEFINE_enum('tta', None, list(evaluation.TTA_MODES),
                                'Override config.eval_tta (of every run).')
   shifts_flag = flags.DEFINE_string('tta_shifts', None,
                                     'Override config.eval_tta_shifts: "dy,dx dy,dx ...".')

@@ -1,15 +1,18 @@
-"""Feeds: how training batches reach the jitted step.
+"""Feeds: how training batches reach the devices.
 
 HostFeed    the reference path: the seed's torchvision transforms in DataLoader workers,
             each batch copied to the devices by a background thread while the previous
             step runs (asynchronous prefetch).
-DeviceFeed  config.data.on_device (automatic on accelerators): the uint8 dataset lives on the devices; each dispatch
-            sends only the example indices of `steps_per_dispatch` batches, and the jitted
-            step gathers, augments (jaxres.augment) and normalizes them itself, scanning
-            over the batches (lax.scan) to amortize dispatch.
+DeviceFeed  config.data.on_device (automatic on accelerators): the uint8 dataset lives on
+            the devices; each dispatch sends only the example indices of
+            `steps_per_dispatch` batches, and the feed's `make_batch` (`device_batch`: a
+            pure function) gathers, augments (jaxres.augment) and normalizes them inside
+            the jitted step, which scans over the batches (lax.scan) to amortize dispatch.
 
 Both visit the examples in the same order, a pure function of (seed, epoch); both yield
-(number of steps, arguments of the jitted train function after the state).
+(number of steps, arguments of the jitted train function after the state). The feeds do
+not own the step: the command jits steps.train_step (HostFeed, make_batch None) or
+steps.train_steps_on_device with the feed's make_batch (DeviceFeed).
 """
 
 import functools
@@ -18,10 +21,11 @@ import threading
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxres import input_pipeline, parallel, runtime, steps
+from jaxres import augment, input_pipeline, parallel, runtime
 
 
 def prefetch(iterator: Iterator, size: int) -> Iterator:
@@ -48,8 +52,24 @@ def prefetch(iterator: Iterator, size: int) -> Iterator:
     yield item
 
 
+def device_batch(data: dict, indices, key, epoch, *, policy: str, mean, std) -> dict:
+  """A training batch made on the device: gather rows of the uint8 dataset `data`,
+  augment them with `policy` (jaxres.augment) from `key`, normalize with mean and std.
+
+  If `data` holds per-image 'flip' bits, images are also mirrored by alternating flips
+  (augment.alternating_hflip) for `epoch`.
+  """
+  images = augment.augment(key, data['image'][indices], policy)
+  if 'flip' in data:
+    images = augment.alternating_hflip(images, data['flip'][indices], epoch)
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+  return {'image': (images - mean) / std, 'label': data['label'][indices]}
+
+
 class HostFeed:
   """torchvision batches (input_pipeline.Loader), prefetched onto the mesh."""
+
+  make_batch = None  # the batches arrive made: the step takes them as they are
 
   def __init__(self, loader: input_pipeline.Loader, mesh, prefetch_batches: int = 2):
     self.loader, self.prefetch_batches = loader, prefetch_batches
@@ -62,20 +82,19 @@ class HostFeed:
     for batch in prefetch(batches, self.prefetch_batches):
       yield 1, (batch,)
 
-  @staticmethod
-  def train_fn(model, tx, config, lookahead=None, frozen=()):
-    return jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                     label_smoothing=config.label_smoothing,
-                                     lookahead=lookahead, frozen=frozen),
-                   donate_argnums=0)
-
-
 class DeviceFeed:
-  """The dataset on the devices; index batches scanned `steps_per_dispatch` at a time."""
+  """The dataset on the devices; index batches scanned `steps_per_dispatch` at a time.
+
+  `make_batch(data, rows, key, epoch)` makes a batch from the arguments `epoch` yields
+  (device_batch with `policy`, `mean` and `std`).
+  """
 
   def __init__(self, split: input_pipeline.Split, order: input_pipeline.Loader, mesh,
-               steps_per_dispatch: int = 1, alternating_flip: bool = False):
+               steps_per_dispatch: int = 1, alternating_flip: bool = False,
+               policy: str = 'none', mean=input_pipeline.MEAN, std=input_pipeline.STD):
     self.order, self.steps_per_dispatch = order, steps_per_dispatch
+    self.make_batch = functools.partial(device_batch, policy=policy, mean=tuple(mean),
+                                        std=tuple(std))
     self.num_batches = order.num_batches
     self.index_sharding = NamedSharding(mesh, P(None, parallel.DATA_AXIS))
     self.replicated = parallel.replicated(mesh)
@@ -98,15 +117,6 @@ class DeviceFeed:
       indices = jax.make_array_from_process_local_data(self.index_sharding, local)
       yield len(chunk), (self.data, indices, jax.device_put(np.int32(epoch), self.replicated))
 
-  @staticmethod
-  def train_fn(model, tx, config, lookahead=None, frozen=()):
-    return jax.jit(functools.partial(steps.train_steps_on_device, model=model, tx=tx,
-                                     policy=config.data.augment,
-                                     mean=tuple(config.data.mean), std=tuple(config.data.std),
-                                     label_smoothing=config.label_smoothing,
-                                     lookahead=lookahead, frozen=frozen),
-                   donate_argnums=0)
-
 
 def create(config, train_split, mesh):
   """The feed config.data asks for (on_device None: automatic, runtime.on_device)."""
@@ -117,7 +127,8 @@ def create(config, train_split, mesh):
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count(), multiple_of=num_devices)
     return DeviceFeed(train_split, order, mesh, config.data.steps_per_dispatch,
-                      config.data.alternating_flip)
+                      config.data.alternating_flip, config.data.augment, config.data.mean,
+                      config.data.std)
   loader = input_pipeline.train_loader(train_split, config, jax.process_index(),
                                        jax.process_count(), num_devices)
   return HostFeed(loader, mesh, config.data.prefetch)

@@ -1,11 +1,14 @@
 """CIFAR-10-style data through torchvision, handed to JAX as NHWC numpy batches.
 
-Sources (config.data.name):
+Sources (config.data.name, a `DATASETS` entry):
   cifar10      torchvision.datasets.CIFAR10(root, download=config.data.download)
   imagefolder  ROOT/train/<class>/* and ROOT/test/<class>/* (torchvision ImageFolder's
                layout, order and pixels, read without torch; classes sorted, which is
                CIFAR-10's label order for its class names)
   synthetic    a small learnable dataset generated in memory (tests, smoke config)
+A dataset from outside the package is a function of (config.data, seed) returning the
+(train, test) Splits, registered under a name: `@input_pipeline.DATASETS.register('mine')`
+in a module the config file imports.
 
 Every source is decoded once into a uint8 array (N, H, W, 3). Training batches then go
 through the seed's torchvision transforms in a torch DataLoader. The order and the
@@ -22,7 +25,9 @@ from typing import Iterator, Optional, Sequence
 import ml_collections
 import numpy as np
 
+from jaxres import augment as augment_lib
 from jaxres.errors import UsageError
+from jaxres.registry import Registry
 
 # The seed normalizes with mean 0.5 and std 0.5 per channel.
 MEAN = (0.5, 0.5, 0.5)
@@ -48,23 +53,14 @@ class Split:
 # ---------------------------------------------------------------------------- transforms
 
 def train_transform(augment: str, image_size: int = 32, mean=MEAN, std=STD):
-  """The torchvision transform for training batches. 'seed' is the seed's list."""
+  """The torchvision transform for training batches: the policy `augment`'s
+  (augment.POLICIES; 'seed' is the seed's list), then ToTensor and Normalize."""
   import torchvision.transforms as T
-  if augment == 'seed':
-    ops = [T.RandomCrop(image_size, padding=4),
-           T.RandomHorizontalFlip(),
-           T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
-           T.RandomRotation(degrees=15),
-           T.RandomAffine(degrees=0, translate=(0.1, 0.1))]
-  elif augment == 'flip_crop':
-    ops = [T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip()]
-  elif augment == 'reflect_translate':
-    ops = [T.RandomCrop(image_size, padding=2, padding_mode='reflect')]
-  elif augment == 'none':
-    ops = []
-  else:
-    raise UsageError(f'unknown data.augment {augment!r} '
-                     f'(choose seed, flip_crop, reflect_translate or none)')
+  policy = augment_lib.POLICIES.get(augment)
+  if policy.torchvision is None:
+    raise UsageError(f'config.data.augment={augment} runs on the device only: set '
+                     f'config.data.on_device=True')
+  ops = policy.torchvision(image_size)
   return T.Compose(ops + [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
 
 
@@ -80,6 +76,10 @@ def normalize(images_uint8: np.ndarray, mean=MEAN, std=STD) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- sources
+
+# config.data.name: name -> function (config.data, seed) -> (train Split, test Split).
+DATASETS = Registry('dataset', 'config.data.name')
+
 
 def load(data: ml_collections.ConfigDict, seed: int = 0) -> tuple[Split, Split]:
   """(train, test) splits for config.data; UsageError when the data is unavailable.
@@ -118,19 +118,30 @@ def balanced_subset(split: Split, num_images: int, field: str = 'num_images',
 
 
 def _load_source(data: ml_collections.ConfigDict, seed: int) -> tuple[Split, Split]:
-  if data.name == 'cifar10':
-    return _load_cifar10(os.path.expanduser(data.root), data.download)
-  if data.name == 'imagefolder':
-    root = os.path.expanduser(data.root)
-    train = _load_imagefolder(os.path.join(root, 'train'), data.image_size)
-    test = _load_imagefolder(os.path.join(root, 'test'), data.image_size)
-    if list(train.classes) != list(test.classes):
-      raise UsageError(f'{root}: train and test have different class folders')
-    return train, test
-  if data.name == 'synthetic':
-    return synthetic(data.synthetic_train_size, data.synthetic_test_size,
-                     image_size=data.image_size, seed=seed)
-  raise UsageError(f'unknown data.name {data.name!r} (choose cifar10, imagefolder or synthetic)')
+  return DATASETS.get(data.name)(data, seed)
+
+
+@DATASETS.register('cifar10')
+def _cifar10(data: ml_collections.ConfigDict, seed: int) -> tuple[Split, Split]:
+  del seed
+  return _load_cifar10(os.path.expanduser(data.root), data.download)
+
+
+@DATASETS.register('imagefolder')
+def _imagefolder(data: ml_collections.ConfigDict, seed: int) -> tuple[Split, Split]:
+  del seed
+  root = os.path.expanduser(data.root)
+  train = _load_imagefolder(os.path.join(root, 'train'), data.image_size)
+  test = _load_imagefolder(os.path.join(root, 'test'), data.image_size)
+  if list(train.classes) != list(test.classes):
+    raise UsageError(f'{root}: train and test have different class folders')
+  return train, test
+
+
+@DATASETS.register('synthetic')
+def _synthetic(data: ml_collections.ConfigDict, seed: int) -> tuple[Split, Split]:
+  return synthetic(data.synthetic_train_size, data.synthetic_test_size,
+                   image_size=data.image_size, seed=seed)
 
 
 def hold_out(train: Split, num_images: int, seed: int) -> tuple[Split, Split]:
@@ -184,8 +195,14 @@ def _load_cifar10(root: str, download: bool) -> tuple[Split, Split]:
   return splits[0], splits[1]
 
 
-# torchvision.datasets.ImageFolder's image extensions (IMG_EXTENSIONS)
+# The image files jaxres reads (image folders, jaxres.predict's folders):
+# torchvision.datasets.ImageFolder's extensions (IMG_EXTENSIONS), in any case.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+def is_image_file(name: str) -> bool:
+  """Whether a file name has one of IMAGE_EXTENSIONS."""
+  return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def image_files(root: str) -> tuple[list, list, tuple]:
@@ -202,7 +219,7 @@ def image_files(root: str) -> tuple[list, list, tuple]:
   for label, name in enumerate(classes):
     found = [os.path.join(d, f)
              for d, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True))
-             for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+             for f in sorted(files) if is_image_file(f)]
     if not found:
       raise UsageError(f'image folder {root}: no images in class folder {name} '
                        f'(extensions {", ".join(IMAGE_EXTENSIONS)})')
@@ -211,9 +228,11 @@ def image_files(root: str) -> tuple[list, list, tuple]:
   return paths, labels, classes
 
 
-def _load_imagefolder(root: str, image_size: int) -> Split:
+def read_image_files(paths: Sequence[str], image_size: int) -> np.ndarray:
+  """uint8 RGB images (N, image_size, image_size, 3) of the image files `paths`, read as
+  torchvision ImageFolder's loader reads them (PIL, converted to RGB); UsageError naming
+  a file that cannot be read or has another size."""
   from PIL import Image
-  paths, labels, classes = image_files(root)
   images = np.empty((len(paths), image_size, image_size, 3), np.uint8)
   # One thread: for 32x32 images Python's per-file work, which holds the GIL, is most of
   # the time, and a second thread only contends for it (CIFAR-10's 60,000 JPEGs: ~15 s).
@@ -227,7 +246,12 @@ def _load_imagefolder(root: str, image_size: int) -> Split:
       raise UsageError(f'{path} is {img.shape[1]}x{img.shape[0]}; every image must be '
                        f'{image_size}x{image_size} (data.image_size)')
     images[i] = img
-  return Split(images, np.asarray(labels, np.int64), classes)
+  return images
+
+
+def _load_imagefolder(root: str, image_size: int) -> Split:
+  paths, labels, classes = image_files(root)
+  return Split(read_image_files(paths, image_size), np.asarray(labels, np.int64), classes)
 
 
 def synthetic(train_size: int, test_size: int, image_size: int = 32, num_classes: int = 10,

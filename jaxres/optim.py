@@ -1,18 +1,22 @@
 """Optimizers and learning-rate rules, as optax transforms.
 
-- `create_optimizer`: the update direction (Adam or SGD) with PyTorch's coupled weight
-  decay (decay added to the gradient first), wrapped in `optax.inject_hyperparams` so the
-  learning rate lives in the optimizer state: visible, checkpointed, settable.
+- `create_optimizer`: the update direction (an `OPTIMIZERS` entry: adam, sgd) with
+  PyTorch's coupled weight decay (decay added to the gradient first), wrapped in
+  `optax.inject_hyperparams` so the learning rate lives in the optimizer state: visible,
+  checkpointed, settable.
+- `SCHEDULES`: the learning-rate rules config.schedule names (plateau, constant, triangle).
 - `create_plateau`: optax's reduce_on_plateau configured to behave exactly like
   torch.optim.lr_scheduler.ReduceLROnPlateau stepped once per epoch.
 - `orthogonalize`, `renormalize_kernels`: the two pieces Muon adds to Nesterov momentum
   for convolution kernels (config.muon; Jordan et al. 2024, as in airbench94_muon).
+- `Lookahead`: the averaged slow copy of the weights (config.lookahead).
 """
 
+import dataclasses
 import functools
 import math
 import re
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,18 +24,31 @@ import ml_collections
 import optax
 from optax import contrib
 
+from jaxres.registry import Registry
 
-def _direction(optimizer: str, *, weight_decay: float, b1=0.9, b2=0.999, eps=1e-8,
-               momentum=0.9, nesterov=False) -> optax.GradientTransformation:
-  if optimizer == 'adam':
-    core = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
-  elif optimizer == 'sgd':
-    core = optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity()
-  else:
-    raise ValueError(f'unknown optimizer {optimizer!r}')
+# config.optimizer: name -> function of the config giving the update direction (before
+# weight decay and learning rate).
+OPTIMIZERS = Registry('optimizer', 'config.optimizer')
+
+
+@OPTIMIZERS.register('adam')
+def _adam(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+
+
+@OPTIMIZERS.register('sgd')
+def _sgd(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  if not config.momentum:
+    return optax.identity()
+  return optax.trace(decay=config.momentum, nesterov=config.nesterov)
+
+
+def _direction(config: ml_collections.ConfigDict, *,
+               weight_decay: float) -> optax.GradientTransformation:
   # torch.optim.{Adam,SGD}(weight_decay=wd) adds wd * param to the gradient (L2), before
   # the moments: not AdamW's decoupled decay.
-  return optax.chain(optax.add_decayed_weights(weight_decay), core)
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     OPTIMIZERS.get(config.optimizer)(config))
 
 
 def param_labels(params, config: ml_collections.ConfigDict):
@@ -107,23 +124,55 @@ def _siblings(params, module_path):
   return node
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
-  """config.learning_rate as a constant (plateau, constant) or an optax schedule (triangle).
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """A learning-rate rule config.schedule can name.
 
-  triangle: linear from learning_rate x triangle.start at step 0 to learning_rate at
-  triangle.peak of the run, then linear to learning_rate x triangle.end at the last step.
+  `learning_rate(config, steps_per_epoch)` is the optimizer's learning rate: a float or
+  an optax schedule of the step count. `steps_on_test_loss`: the trainer steps the
+  plateau rule (`create_plateau`) on each epoch's test loss. `counts_from_num_epochs`:
+  the rate at a step depends on config.num_epochs (a resumed run cannot change it).
   """
-  if config.schedule in ('plateau', 'constant'):
-    return config.learning_rate
-  if config.schedule == 'triangle':
-    t = config.triangle
-    total = config.num_epochs * steps_per_epoch
-    peak = max(int(t.peak * total), 1)
-    lr = config.learning_rate
-    return optax.join_schedules(
-        [optax.linear_schedule(lr * t.start, lr, peak),
-         optax.linear_schedule(lr, lr * t.end, max(total - peak, 1))], [peak])
-  raise ValueError(f'unknown schedule {config.schedule!r}')
+
+  learning_rate: Callable[[ml_collections.ConfigDict, int], Any]
+  steps_on_test_loss: bool = False
+  counts_from_num_epochs: bool = False
+
+
+SCHEDULES = Registry('schedule', 'config.schedule')
+
+
+def _constant(config: ml_collections.ConfigDict, steps_per_epoch: int) -> float:
+  del steps_per_epoch
+  return config.learning_rate
+
+
+def _triangle(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """Linear from learning_rate x triangle.start at step 0 to learning_rate at
+  triangle.peak of the run, then linear to learning_rate x triangle.end at the last step."""
+  t = config.triangle
+  total = config.num_epochs * steps_per_epoch
+  peak = max(int(t.peak * total), 1)
+  lr = config.learning_rate
+  return optax.join_schedules(
+      [optax.linear_schedule(lr * t.start, lr, peak),
+       optax.linear_schedule(lr, lr * t.end, max(total - peak, 1))], [peak])
+
+
+SCHEDULES.register('plateau', Schedule(_constant, steps_on_test_loss=True))
+SCHEDULES.register('constant', Schedule(_constant))
+SCHEDULES.register('triangle', Schedule(_triangle, counts_from_num_epochs=True))
+
+
+def schedule(config: ml_collections.ConfigDict) -> Schedule:
+  """The SCHEDULES entry config.schedule names."""
+  return SCHEDULES.get(config.schedule)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """config.learning_rate as its schedule (SCHEDULES) gives it: a constant (plateau,
+  constant) or an optax schedule of the step count (triangle)."""
+  return schedule(config).learning_rate(config, steps_per_epoch)
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate=None,
@@ -135,9 +184,7 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate=None,
   (frozen, BatchNorm biases) follow `param_labels`.
   """
   lr = learning_rate_schedule(config, steps_per_epoch) if learning_rate is None else learning_rate
-  direction = functools.partial(_direction, config.optimizer, b1=config.adam_b1,
-                                b2=config.adam_b2, eps=config.adam_eps,
-                                momentum=config.momentum, nesterov=config.nesterov)
+  direction = functools.partial(_direction, config)
   bias_scale = config.get('bias_lr_scale', 1.0)
   frozen_after = list(config.get('frozen_after', ()))
   muon = config.get('muon')
@@ -286,3 +333,55 @@ def create_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return contrib.reduce_on_plateau(
       factor=p.factor, patience=p.patience + 1, rtol=p.threshold, atol=0.0,
       cooldown=p.cooldown, min_scale=torch_min_scale(config.learning_rate, p.factor))
+
+
+@dataclasses.dataclass(frozen=True)
+class Lookahead:
+  """Lookahead with an averaged slow copy, as the airbench speed runs use it.
+
+  Every `every` steps from `start_step` on, the slow copy of params and BatchNorm
+  statistics moves towards the fast one, slow = rho * slow + (1 - rho) * fast, and the
+  fast weights are reset to it. rho = decay**every * (step / total_steps)**power grows
+  over training: move fast early, average strongly at the end. The first such step only
+  takes the copy. `sync` (end of each epoch) resets the fast weights to the slow copy.
+  Both take and return a train_state.TrainState.
+  """
+
+  start_step: int
+  total_steps: int
+  every: int = 5
+  decay: float = 0.95
+  power: float = 3.0
+
+  @property
+  def first_step(self) -> int:
+    return -(-max(self.start_step, 1) // self.every) * self.every
+
+  def update(self, state):
+    step = state.step
+    active = (step >= self.first_step) & (step % self.every == 0)
+    rho = (self.decay ** self.every) * (step / self.total_steps) ** self.power
+    rho = jnp.where(step == self.first_step, 0.0, rho)
+    fast = {'params': state.params, 'batch_stats': state.batch_stats}
+    moved = jax.tree.map(lambda s, f: jnp.where(active, rho * s + (1 - rho) * f, s),
+                         state.slow, fast)
+    new_fast = jax.tree.map(lambda m, f: jnp.where(active, m, f), moved, fast)
+    return state.replace(params=new_fast['params'], batch_stats=new_fast['batch_stats'],
+                         slow=moved)
+
+  def sync(self, state):
+    started = state.step >= self.first_step
+    pick = lambda s, f: jnp.where(started, s, f)
+    return state.replace(params=jax.tree.map(pick, state.slow['params'], state.params),
+                         batch_stats=jax.tree.map(pick, state.slow['batch_stats'],
+                                                  state.batch_stats))
+
+
+def create_lookahead(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """The Lookahead config.lookahead describes, or None."""
+  la = config.get('lookahead')
+  if la is None or not la.enabled:
+    return None
+  return Lookahead(start_step=la.start_epoch * steps_per_epoch,
+                   total_steps=config.num_epochs * steps_per_epoch,
+                   every=la.every, decay=la.decay, power=la.power)

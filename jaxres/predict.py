@@ -8,8 +8,8 @@ PATH is one of:
   - a pickle like the Kaggle test files of the seed's course: a dict whose 'data' (bytes
     or str key) holds the images, with the IDs in 'ids' if present (else 0..N-1);
   - an .npy array of the images (IDs 0..N-1);
-  - a folder of PNG/JPEG images (sorted by name; the ID is the file name without its
-    extension).
+  - a folder of images (PNG, JPEG, or any of input_pipeline.IMAGE_EXTENSIONS; sorted by
+    name; the ID is the file name without its extension).
 Pickle and .npy images are uint8 arrays in one of three layouts: N x 32 x 32 x 3 (height,
 width, channel), N x 3 x 32 x 32 (channel-major), or N x 3072 rows. A row does not say
 its order; --layout says it: chw (CIFAR-10's batches: the 1024 red values, then green,
@@ -29,11 +29,10 @@ from absl import flags
 import jax
 import numpy as np
 
-from jaxres import checkpoints, cli, evaluation, input_pipeline, parallel, steps
+from jaxres import checkpoints, cli, evaluation, input_pipeline, parallel
 from jaxres.errors import UsageError
 
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 LAYOUTS = ('auto', 'chw', 'hwc')
 
 
@@ -96,21 +95,12 @@ def _ids(ids, count: int, source: str) -> list:
 
 
 def _read_folder(path: str, size: int) -> tuple[list, np.ndarray]:
-  names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+  names = sorted(n for n in os.listdir(path) if input_pipeline.is_image_file(n))
   if not names:
-    raise UsageError(f'{path}: no .png/.jpg/.jpeg images in this folder')
-  from PIL import Image
-  images = []
-  for name in names:
-    try:
-      with Image.open(os.path.join(path, name)) as img:
-        images.append(np.asarray(img.convert('RGB')))
-    except Exception as e:  # pylint: disable=broad-except
-      raise UsageError(f'cannot read image {os.path.join(path, name)}: {e}') from None
-    if images[-1].shape != (size, size, 3):
-      raise UsageError(f'{os.path.join(path, name)} is {images[-1].shape[1]}x'
-                       f'{images[-1].shape[0]}; expected {size}x{size}')
-  return [os.path.splitext(n)[0] for n in names], np.stack(images)
+    raise UsageError(f'{path}: no images in this folder '
+                     f'(extensions {", ".join(input_pipeline.IMAGE_EXTENSIONS)})')
+  images = input_pipeline.read_image_files([os.path.join(path, n) for n in names], size)
+  return [os.path.splitext(n)[0] for n in names], images
 
 
 def read_images(path: str, size: int = 32, layout: str = 'auto') -> tuple[list, np.ndarray]:
@@ -144,9 +134,9 @@ def predict_probabilities(model, state, images: np.ndarray, batch_size: int,
                           mean=input_pipeline.MEAN, std=input_pipeline.STD, tta: str = 'none',
                           **tta_kwargs) -> np.ndarray:
   """Class probabilities (N, classes) of uint8 NHWC images (eval mode, the run's
-  normalization; `tta`, `tta_kwargs` as steps.tta_logits')."""
-  forward = jax.jit(lambda variables, x: steps.tta_probabilities(model, variables, x, tta,
-                                                                 **tta_kwargs))
+  normalization; `tta`, `tta_kwargs` as evaluation.tta_logits')."""
+  forward = jax.jit(lambda variables, x: evaluation.tta_probabilities(model, variables, x, tta,
+                                                                      **tta_kwargs))
   out = []
   for i in range(0, len(images), batch_size):
     x = input_pipeline.normalize(images[i:i + batch_size], mean, std)
@@ -195,7 +185,7 @@ def ensemble_probabilities(workdirs, which: str, input_path: str, layout: str, b
                        f'images, {workdirs[0]} {size}x{size}: an ensemble needs one size')
     probabilities.append(predict_probabilities(
         model, state, images, batch_size, tuple(config.data.mean), tuple(config.data.std),
-        **steps.tta_options(config)))
+        **evaluation.tta_options(config)))
     used.append(step)
   return ids, evaluation.average_probabilities(probabilities, workdirs), used
 

@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Optional
 
+from jaxres.errors import UsageError
+
 # Fields of a metrics.jsonl record that differ run to run (wall-clock figures).
 TIMING_KEYS = ('epoch_seconds', 'images_per_second', 'eval_seconds', 'compile_seconds')
 # jax.monitoring's duration events of tracing, lowering and compiling a jitted function
@@ -68,6 +70,30 @@ def _atomic_write(path: str, data: bytes):
   os.replace(tmp, path)
 
 
+def read_jsonl(path: str) -> list:
+  """The values of a JSON-lines file, one a line, in order; [] if there is no file.
+
+  Blank lines are skipped. A last line without its newline that is not JSON was cut
+  short by a crash (or is being written): it is dropped. Any other line that is not JSON
+  is a UsageError naming the file and the line.
+  """
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().split('\n')
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number == len(lines):  # no newline after it: torn
+        break
+      raise UsageError(f'{path}, line {number}: not JSON ({e.msg})') from None
+  return records
+
+
 class MetricsLog:
   """A JSON-lines log (DIR/metrics.jsonl: one object per finished epoch), append-only
   except for the records a resume drops, so it never holds duplicates."""
@@ -76,16 +102,7 @@ class MetricsLog:
     self.path = path
 
   def read(self) -> list[dict]:
-    if not os.path.exists(self.path):
-      return []
-    records = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError:
-          break  # a line cut short by a crash: it and anything after is dropped
-    return records
+    return read_jsonl(self.path)
 
   def keep_while(self, keep) -> list[dict]:
     """Drop the records for which keep(record) is false (work lost in a crash)."""

@@ -104,8 +104,8 @@ def _epoch_dependents(config) -> dict[str, str]:
   config.num_epochs (the triangle schedule, lookahead): with any, a resumed run cannot
   change num_epochs."""
   dependents = {}
-  if config.schedule == 'triangle':
-    dependents['config.schedule=triangle'] = 'learning rate'
+  if optim.schedule(config).counts_from_num_epochs:
+    dependents[f'config.schedule={config.schedule}'] = 'learning rate'
   lookahead = config.get('lookahead')
   if lookahead is not None and lookahead.enabled:
     dependents['config.lookahead'] = 'weight averaging'
@@ -149,6 +149,19 @@ def epoch_record(epoch, train_sums, test_sums, learning_rate, seconds, images,
   record['epoch_seconds'] = round(seconds, 3)
   record['images_per_second'] = round(images / max(seconds, 1e-9), 1)
   return record
+
+
+def train_function(feed, model, tx, config, lookahead=None, frozen=()):
+  """The jitted train function for `feed`'s arguments: steps.train_step on made batches,
+  or, for a feed with a make_batch (feeds.DeviceFeed), steps.train_steps_on_device
+  making them inside the step. The state argument is donated."""
+  options = dict(model=model, tx=tx, label_smoothing=config.label_smoothing,
+                 lookahead=lookahead, frozen=frozen)
+  if feed.make_batch is None:
+    step = functools.partial(steps.train_step, **options)
+  else:
+    step = functools.partial(steps.train_steps_on_device, make_batch=feed.make_batch, **options)
+  return jax.jit(step, donate_argnums=0)
 
 
 def _add_sums(total: dict, step_metrics: list) -> dict:
@@ -254,7 +267,7 @@ def _train(config, workdir, mesh, num_params, train_split, eval_split, split_nam
   model = models.create_model(config, num_devices)
   feed = feeds.create(config, train_split, mesh)
   tx = optim.create_optimizer(config, steps_per_epoch=feed.num_batches)
-  lookahead = steps.create_lookahead(config, feed.num_batches)
+  lookahead = optim.create_lookahead(config, feed.num_batches)
   plateau = optim.create_plateau(config)
   batch_sharding = parallel.data_sharding(mesh)
   overrides = models.data_init(config, train_split)
@@ -262,7 +275,8 @@ def _train(config, workdir, mesh, num_params, train_split, eval_split, split_nam
                   out_shardings=parallel.replicated(mesh))(overrides)
   state, start_epoch, start_step, partial_sums, records = _prepare_workdir(
       config, workdir, ckpts, state, is_main)
-  if (start_epoch > 1 or start_step) and config.schedule == 'plateau':
+  steps_on_test_loss = optim.schedule(config).steps_on_test_loss
+  if (start_epoch > 1 or start_step) and steps_on_test_loss:
     # A resumed run takes config.learning_rate (it may have been changed on purpose with
     # allow_config_change); unchanged, this recomputes the learning rate bit for bit.
     state = jax.jit(functools.partial(steps.apply_plateau_scale,
@@ -287,13 +301,14 @@ def _train(config, workdir, mesh, num_params, train_split, eval_split, split_nam
   def train_fn_for(epoch):
     frozen = optim.frozen_in_epoch(config, epoch)
     if frozen not in train_fns:
-      train_fns[frozen] = feed.train_fn(model, tx, config, lookahead, frozen)
+      train_fns[frozen] = train_function(feed, model, tx, config, lookahead, frozen)
     return train_fns[frozen]
 
   sync_fn = jax.jit(lookahead.sync, donate_argnums=0) if lookahead else None
   eval_loader = input_pipeline.eval_loader(eval_split, config, jax.process_index(),
                                            jax.process_count(), num_devices)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, **steps.tta_options(config)))
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model,
+                                      **evaluation.tta_options(config)))
   plateau_fn = jax.jit(functools.partial(steps.plateau_step, plateau=plateau,
                                          base_learning_rate=config.learning_rate))
 
@@ -317,13 +332,13 @@ def _train(config, workdir, mesh, num_params, train_split, eval_split, split_nam
         state = sync_fn(state)
       t_eval, compiled_before_eval = time.perf_counter(), clock.seconds
       evaluate_now = config.eval_every_epoch or epoch == config.num_epochs
-      test_sums = (evaluation.evaluate(eval_fn, state, eval_loader, batch_sharding)
+      test_sums = (evaluation.evaluate(eval_fn, state, eval_loader.epoch(0), batch_sharding)
                    if evaluate_now else None)
       learning_rate = float(jax.device_get(optim.learning_rate(state.opt_state)))
       seconds = sums.pop('seconds')
       record = epoch_record(epoch, sums, test_sums, learning_rate, seconds, sums['count'],
                              split_name)
-      if config.schedule == 'plateau':
+      if steps_on_test_loss:
         state = plateau_fn(state, record['test_loss'])
       ckpts.save(int(jax.device_get(state.step)), state, {'epoch': epoch, 'step_in_epoch': 0},
                  metrics={'test_accuracy': record['test_accuracy']} if evaluate_now else None)

@@ -7,7 +7,6 @@ accelerator: each pytest worker and subprocess takes device memory as it needs i
 `cpu_only` (the CPU backend's machinery) are skipped with the reason.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -65,6 +64,19 @@ def one_torch_thread():
   torch.set_num_threads(1)
   yield
   torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def register_for_test(monkeypatch):
+  """register_for_test(registry, name, entry): `entry` registered under `name` for this
+  test only (the registry's entries are restored afterwards), as code outside the
+  package registers it."""
+
+  def register(registry, name, entry):
+    monkeypatch.setattr(registry, '_entries', dict(registry._entries))
+    return registry.register(name, entry)
+
+  return register
 
 
 @pytest.fixture(scope='session')
@@ -130,10 +142,10 @@ def second_smoke_run(run_cli, tmp_path_factory):
 def run_probabilities(workdir, images, step='latest', batch_size=100):
   """Class probabilities of uint8 NHWC `images` by one run, in this process (its own
   normalization and test-time augmentation, as jaxres.predict and jaxres.eval apply)."""
-  from jaxres import checkpoints, predict, steps
+  from jaxres import checkpoints, evaluation, predict
   config, model, state, _ = checkpoints.load_run(str(workdir), step)
   return predict.predict_probabilities(model, state, images, batch_size, tuple(config.data.mean),
-                                       tuple(config.data.std), **steps.tta_options(config))
+                                       tuple(config.data.std), **evaluation.tta_options(config))
 
 
 def smoke_test_split():
@@ -146,12 +158,8 @@ def smoke_test_split():
 
 def read_metrics(workdir, drop_timing=False):
   """metrics.jsonl's records; drop_timing removes the keys that differ run to run."""
-  path = Path(workdir) / 'metrics.jsonl'
-  if not path.exists():
-    return []
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.endswith('\n')]
+  from jaxres import reporting
+  records = reporting.read_jsonl(str(Path(workdir) / 'metrics.jsonl'))
   if drop_timing:
-    from jaxres.reporting import TIMING_KEYS
-    records = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+    records = [{k: v for k, v in r.items() if k not in reporting.TIMING_KEYS} for r in records]
   return records

@@ -22,7 +22,9 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from PIL import Image
 
-from jaxres import augment, input_pipeline
+from experiments import smoke
+from jaxres import augment, config_lib, evaluation, input_pipeline
+from jaxres.errors import UsageError
 
 COLOUR_ATOL = 1e-5  # float32 rounding; the measured differences are below 1e-6
 LEVELS = 255.0  # one 8-bit level is 1 / LEVELS
@@ -120,12 +122,13 @@ def test_translate_is_torchvision_affine(height, width):
 
 @pytest.mark.parametrize('mode', ['reflect', 'constant'])
 def test_static_shift_is_the_per_image_shift(mode):
+  """evaluation.shift, the test-time views' pixel move, is the training shift's."""
   images = _float_images(3, 20, 27)
   for dy, dx in [(0, 0), (1, -1), (-2, 0), (0, 3), (4, 4)]:
     expected = augment._shift(images, np.full(3, dy), np.full(3, dx), (4, 4), mode)
-    np.testing.assert_array_equal(augment.shift(images, dy, dx, mode), expected)
+    np.testing.assert_array_equal(evaluation.shift(images, dy, dx, mode), expected)
   # The content moves down and right: row 0 of the image is row 1 of the shifted one.
-  np.testing.assert_array_equal(augment.shift(images, 1, 0)[:, 1:], images[:, :-1])
+  np.testing.assert_array_equal(evaluation.shift(images, 1, 0)[:, 1:], images[:, :-1])
 
 
 # Angles of the seed's range, its ends, and angles where pixel centres land exactly on
@@ -400,8 +403,26 @@ def test_augment_under_jit(policy):
 
 
 def test_unknown_policy():
-  with pytest.raises(ValueError, match='unknown augmentation policy'):
+  with pytest.raises(UsageError, match='config.data.augment must be one of seed, flip_crop, '
+                     'reflect_translate or none'):
     augment.augment(KEY, _uint8_images(1), 'autoaugment')
+
+
+def test_a_policy_registered_outside_is_validated_and_used(register_for_test):
+  """A device-only policy (no torchvision transforms): validation accepts it with the data
+  on the device, refuses it on the torchvision path; augment applies its stages."""
+  register_for_test(augment.POLICIES, 'mirror', augment.Policy((augment.random_hflip,)))
+  config = smoke.get_config()
+  config.data.augment, config.data.on_device = 'mirror', True
+  config_lib.validate(config)
+  images = _uint8_images(POLICY_BATCH)
+  expected = augment.random_hflip(jax.random.fold_in(KEY, 0), augment.to_float(images))
+  np.testing.assert_array_equal(jit_augment(KEY, images, policy='mirror'), expected)
+  config.data.on_device = False
+  with pytest.raises(UsageError, match='config.data.augment=mirror runs on the device only'):
+    config_lib.validate(config)
+  with pytest.raises(UsageError, match='runs on the device only'):
+    input_pipeline.train_transform('mirror')
 
 
 @pytest.mark.parametrize('policy', sorted(augment.POLICIES))

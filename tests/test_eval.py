@@ -1,9 +1,13 @@
+import functools
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxres import evaluation, steps
+from experiments import smoke
+from jaxres import config_lib, evaluation, models, optim, steps, train_state
 from jaxres.errors import UsageError
 from tests.conftest import read_metrics, run_probabilities, smoke_test_split
 
@@ -94,3 +98,91 @@ def test_probability_sums_agree_with_the_eval_step():
   assert float(cross_entropy.sum()) == pytest.approx(sums['loss_sum'], rel=1e-6)
   with pytest.raises(UsageError, match='must predict the same classes'):
     evaluation.average_probabilities([probabilities, probabilities[:, :2]], ['a', 'b'])
+
+
+# ---------------------------------------------------------------------------- test-time views
+
+def _tiny_config():
+  config = smoke.get_config()
+  config.model.widths, config.model.blocks = (4, 4, 4, 4), (1, 1, 1, 1)
+  return config
+
+
+def test_tta_views():
+  config = _tiny_config()
+  model = models.create_model(config)
+  tx = optim.create_optimizer(config)
+  state = jax.jit(functools.partial(train_state.create, config, model, tx))()
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  logits = functools.partial(evaluation.tta_logits, model, state.variables)
+  none = jax.jit(functools.partial(logits, tta='none'))
+  plain, flipped = none(images), none(jnp.flip(images, axis=2))
+  np.testing.assert_allclose(jax.jit(functools.partial(logits, tta='flip'))(images),
+                             0.5 * (plain + flipped), rtol=1e-5, atol=1e-6)
+  padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+  up_left, down_right = padded[:, :32, :32], padded[:, 2:, 2:]
+  mirror = lambda x: 0.5 * (none(x) + none(jnp.flip(x, axis=2)))
+  expected = 0.5 * mirror(images) + 0.25 * (mirror(up_left) + mirror(down_right))
+  np.testing.assert_allclose(jax.jit(functools.partial(logits, tta='flip_translate'))(images),
+                             expected, rtol=1e-5, atol=1e-6)
+  # Other shifts and weights: the centre pair at center_weight, the shifts sharing the rest.
+  padded = jnp.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode='reflect')
+  two_down, left = padded[:, :32, 2:34], padded[:, 2:34, 3:35]
+  expected = 0.4 * mirror(images) + 0.3 * (mirror(two_down) + mirror(left))
+  other = functools.partial(logits, tta='flip_translate', shifts=((2, 0), (0, -1)),
+                            center_weight=0.4)
+  np.testing.assert_allclose(jax.jit(other)(images), expected, rtol=1e-5, atol=1e-6)
+  with pytest.raises(UsageError, match='config.eval_tta must be one of none, flip or '
+                     'flip_translate'):
+    evaluation.tta_logits(model, state.variables, images, 'rotate')
+
+
+def test_tta_options_from_config():
+  config = _tiny_config()
+  assert evaluation.tta_options(config) == {'tta': 'none', 'shifts': ((-1, -1), (1, 1)),
+                                            'center_weight': 0.5}
+  config.eval_tta, config.eval_tta_shifts = 'flip_translate', [[0, 2], [-2, 0]]  # from JSON
+  config.eval_tta_center_weight = 0.25
+  assert evaluation.tta_options(config) == {'tta': 'flip_translate',
+                                            'shifts': ((0, 2), (-2, 0)), 'center_weight': 0.25}
+  old = _tiny_config()  # a run's config from before eval_tta_shifts: airbench's views
+  del old['eval_tta_shifts'], old['eval_tta_center_weight']
+  assert evaluation.tta_options(old)['shifts'] == evaluation.AIRBENCH_SHIFTS
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('eval_tta_shifts', (), 'eval_tta_shifts must be'),
+    ('eval_tta_shifts', ((1, 1, 1),), 'eval_tta_shifts must be'),
+    ('eval_tta_shifts', ((0, 32),), 'eval_tta_shifts must be'),
+    ('eval_tta_shifts', ((0.5, 1),), 'eval_tta_shifts must be'),
+    ('eval_tta_center_weight', 1.5, 'eval_tta_center_weight must be in'),
+])
+def test_tta_config_is_checked(field, value, message):
+  config = _tiny_config()
+  config.eval_tta = 'flip_translate'
+  config[field] = value
+  with pytest.raises(UsageError, match=message):
+    config_lib.validate(config)
+
+
+class _MeanColour:
+  """A stand-in model: the logits of an image are its mean colour."""
+
+  @staticmethod
+  def apply(variables, images, train):
+    assert not train
+    return images.mean(axis=(1, 2))
+
+
+def test_a_tta_mode_registered_outside_is_validated_and_used(register_for_test):
+  upside_down = lambda forward, images, **_: forward(jnp.flip(images, axis=1)[:, :2])
+  register_for_test(evaluation.TTA_MODES, 'top_rows_upside_down', upside_down)
+  config = _tiny_config()
+  config.eval_tta = 'top_rows_upside_down'
+  config_lib.validate_tta(config)
+  images = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)
+  logits = evaluation.tta_logits(_MeanColour, {}, images, **evaluation.tta_options(config))
+  np.testing.assert_array_equal(logits, images[:, 2:].mean(axis=(1, 2)))
+  config.eval_tta = 'rotate'
+  with pytest.raises(UsageError, match='or top_rows_upside_down, got'):
+    config_lib.validate_tta(config)

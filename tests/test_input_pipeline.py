@@ -233,3 +233,25 @@ def test_load_takes_the_configured_subsets():
   config.data.test_subset = -1
   with pytest.raises(UsageError, match='config.data.test_subset must be an integer >= 0'):
     config_lib.validate(config)
+
+
+def test_a_dataset_registered_outside_is_validated_and_loaded(register_for_test):
+  """A loader of (config.data, seed) registered under a name: config.data.name chooses it,
+  and load applies the configured subsets to its splits as to any source's."""
+  calls = []
+
+  def stripes(data, seed):
+    calls.append(seed)
+    return input_pipeline.synthetic(60, 30, image_size=data.image_size, seed=seed + 1)
+
+  register_for_test(input_pipeline.DATASETS, 'stripes', stripes)
+  config = smoke.get_config()
+  config.data.name, config.data.train_subset = 'stripes', 20
+  config_lib.validate(config)
+  train, test = input_pipeline.load(config.data, seed=4)
+  assert calls == [4] and (len(train), len(test)) == (20, 30)
+  np.testing.assert_array_equal(test.images, input_pipeline.synthetic(60, 30, seed=5)[1].images)
+  config.data.name = 'stripe'
+  with pytest.raises(UsageError, match='config.data.name must be one of cifar10, imagefolder, '
+                     "synthetic or stripes, got 'stripe'"):
+    config_lib.validate(config)

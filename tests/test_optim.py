@@ -1,10 +1,14 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
-from experiments import base
-from jaxres import optim
+from experiments import base, smoke
+from jaxres import config_lib, models, optim, train_state
+from jaxres.errors import UsageError
 
 
 def _params():
@@ -156,9 +160,6 @@ def test_muon_rate_follows_the_schedule():
 
 
 def test_config_checks_muon_and_frozen_after_entries():
-  import pytest
-  from jaxres import config_lib
-  from jaxres.errors import UsageError
   config = _muon_config()
   config_lib.validate(config)
   for field, value, words in (('ns_steps', 0, 'ns_steps'), ('momentum', 1.0, 'momentum'),
@@ -174,7 +175,6 @@ def test_config_checks_muon_and_frozen_after_entries():
 
 def test_fast_recipe_groups():
   from experiments import fast
-  from jaxres import config_lib
   config = fast.get_config()
   _, shapes = config_lib.param_count(config)
   labels = optim.param_labels(shapes, config)
@@ -187,3 +187,72 @@ def test_fast_recipe_groups():
   # becomes 64x here with the head's 1/9 logit scale in place of 1/256.
   np.testing.assert_allclose(config.bias_lr_scale, 0.053 / 0.67 * (256 / 9) ** 2, rtol=1e-12)
   np.testing.assert_allclose(config.learning_rate * config.weight_decay, 2e-6 * config.batch_size)
+
+
+def test_schedules_say_how_the_trainer_steps_them():
+  assert optim.SCHEDULES.names() == ('plateau', 'constant', 'triangle')
+  assert [n for n in optim.SCHEDULES if optim.SCHEDULES.get(n).steps_on_test_loss] == ['plateau']
+  assert [n for n in optim.SCHEDULES
+          if optim.SCHEDULES.get(n).counts_from_num_epochs] == ['triangle']
+  config = smoke.get_config()
+  config.eval_every_epoch = False  # plateau needs each epoch's test loss; constant does not
+  with pytest.raises(UsageError, match='config.schedule=plateau steps on the test loss'):
+    config_lib.validate(config)
+  config.schedule = 'constant'
+  config_lib.validate(config)
+
+
+def test_a_schedule_registered_outside_is_validated_and_used(register_for_test):
+  halving = optim.Schedule(lambda config, steps_per_epoch: optax.exponential_decay(
+      config.learning_rate, steps_per_epoch, 0.5))
+  register_for_test(optim.SCHEDULES, 'halving', halving)
+  config = smoke.get_config()
+  config.schedule = 'halving'
+  config_lib.validate(config)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch=4)
+  assert float(schedule(8)) == pytest.approx(config.learning_rate / 4)
+  config.schedule = 'halfing'
+  with pytest.raises(UsageError, match='config.schedule must be one of plateau, constant, '
+                     'triangle or halving'):
+    config_lib.validate(config)
+
+
+def test_an_optimizer_registered_outside_is_validated_and_used(register_for_test):
+  register_for_test(optim.OPTIMIZERS, 'signsgd', lambda config: optax.scale_by_sign())
+  config = _config(optimizer='signsgd', learning_rate=0.1)
+  config_lib.validate(config)
+  updates = _one_step_updates(config)
+  np.testing.assert_allclose(updates['conv']['kernel'], -0.1, rtol=1e-6)
+  with pytest.raises(UsageError, match='config.optimizer must be one of adam, sgd or signsgd'):
+    config_lib.validate(_config(optimizer='lion'))
+
+
+def _tiny_state(config):
+  model = models.create_model(config)
+  tx = optim.create_optimizer(config)
+  return jax.jit(functools.partial(train_state.create, config, model, tx))()
+
+
+def test_lookahead_averages_and_copies_back():
+  config = smoke.get_config()
+  config.model.widths, config.model.blocks = (4, 4, 4, 4), (1, 1, 1, 1)
+  config.lookahead.enabled = True
+  state = _tiny_state(config)
+  la = optim.Lookahead(start_step=2, total_steps=10, every=2, decay=0.9, power=1.0)
+  assert la.first_step == 2
+  slow0 = jax.tree.map(lambda x: x + 1.0, state.params)
+  state = state.replace(slow={'params': slow0, 'batch_stats': state.batch_stats})
+  update, sync = jax.jit(la.update), jax.jit(la.sync)
+  untouched = update(state.replace(step=jnp.asarray(1)))  # before start: nothing
+  np.testing.assert_array_equal(untouched.params['linear']['bias'], state.params['linear']['bias'])
+  first = update(state.replace(step=jnp.asarray(2)))  # first step takes the copy
+  np.testing.assert_array_equal(first.slow['params']['linear']['bias'], state.params['linear']['bias'])
+  s = state.replace(step=jnp.asarray(4))
+  moved = update(s)
+  rho = 0.9 ** 2 * (4 / 10)
+  expected = rho * slow0['linear']['bias'] + (1 - rho) * s.params['linear']['bias']
+  np.testing.assert_allclose(moved.slow['params']['linear']['bias'], expected, rtol=1e-6)
+  np.testing.assert_allclose(moved.params['linear']['bias'], expected, rtol=1e-6)
+  synced = sync(s.replace(step=jnp.asarray(5)))
+  np.testing.assert_array_equal(synced.params['linear']['bias'], slow0['linear']['bias'])
+  assert optim.create_lookahead(config, 10).total_steps == config.num_epochs * 10

@@ -14,6 +14,7 @@ import socket
 import numpy as np
 import pytest
 
+from jaxres import reporting
 from tests.conftest import read_metrics
 
 STABLE_SMOKE = ('--config', 'experiments/smoke.py', '--config.num_epochs=1',
@@ -25,8 +26,7 @@ def _devices(n):
 
 
 def _step_losses(workdir):
-  with open(workdir / 'train_steps.jsonl') as f:
-    return [json.loads(line)['loss'] for line in f]
+  return [r['loss'] for r in reporting.read_jsonl(str(workdir / 'train_steps.jsonl'))]
 
 
 def _assert_same_run(a, b, tol=1e-5):

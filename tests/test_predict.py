@@ -80,6 +80,25 @@ def test_decode_images_refuses_what_it_cannot_read(array, layout, message):
     predict.decode_images(array, layout, source='f.pkl')
 
 
+def test_a_folder_is_read_as_the_input_pipeline_reads_images(images, tmp_path):
+  """Any of input_pipeline.IMAGE_EXTENSIONS, in any case; other files are left out; an
+  image of another size is named."""
+  folder = tmp_path / 'imgs'
+  folder.mkdir()
+  for i, name in enumerate(('a.PNG', 'b.bmp', 'c.png')):
+    Image.fromarray(images[i]).save(folder / name, format='BMP' if name == 'b.bmp' else 'PNG')
+  (folder / 'notes.txt').write_text('not an image')
+  ids, got = predict.read_images(str(folder))
+  assert ids == ['a', 'b', 'c'] and np.array_equal(got, images[:3])
+  Image.fromarray(images[0][:16, :16]).save(folder / 'd.png')
+  with pytest.raises(UsageError, match='d.png is 16x16; every image must be 32x32'):
+    predict.read_images(str(folder))
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(UsageError, match='no images in this folder'):
+    predict.read_images(str(empty))
+
+
 def test_read_images_takes_bytes_or_str_keys_and_ids(images, tmp_path):
   for keys, ids in (((b'data', b'ids'), np.arange(5) + 7), (('data', 'ids'), ['a', 'b', 'c', 'd', 'e']),
                     (('data', 'ids'), np.array([b'x1', b'x2', b'x3', b'x4', b'x5'])),

@@ -3,11 +3,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from experiments import smoke
-from jaxres import config_lib, models, optim, steps, train_state
-from jaxres.errors import UsageError
+from jaxres import feeds, models, optim, steps, train_state
 
 
 def _state(config):
@@ -22,83 +20,6 @@ def _tiny_config():
   return config
 
 
-def test_lookahead_averages_and_copies_back():
-  config = _tiny_config()
-  config.lookahead.enabled = True
-  _, _, state = _state(config)
-  la = steps.Lookahead(start_step=2, total_steps=10, every=2, decay=0.9, power=1.0)
-  assert la.first_step == 2
-  slow0 = jax.tree.map(lambda x: x + 1.0, state.params)
-  state = state.replace(slow={'params': slow0, 'batch_stats': state.batch_stats})
-  update, sync = jax.jit(la.update), jax.jit(la.sync)
-  untouched = update(state.replace(step=jnp.asarray(1)))  # before start: nothing
-  np.testing.assert_array_equal(untouched.params['linear']['bias'], state.params['linear']['bias'])
-  first = update(state.replace(step=jnp.asarray(2)))  # first step takes the copy
-  np.testing.assert_array_equal(first.slow['params']['linear']['bias'], state.params['linear']['bias'])
-  s = state.replace(step=jnp.asarray(4))
-  moved = update(s)
-  rho = 0.9 ** 2 * (4 / 10)
-  expected = rho * slow0['linear']['bias'] + (1 - rho) * s.params['linear']['bias']
-  np.testing.assert_allclose(moved.slow['params']['linear']['bias'], expected, rtol=1e-6)
-  np.testing.assert_allclose(moved.params['linear']['bias'], expected, rtol=1e-6)
-  synced = sync(s.replace(step=jnp.asarray(5)))
-  np.testing.assert_array_equal(synced.params['linear']['bias'], slow0['linear']['bias'])
-
-
-def test_tta_views():
-  config = _tiny_config()
-  model, _, state = _state(config)
-  images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  logits = functools.partial(steps.tta_logits, model, state.variables)
-  none = jax.jit(functools.partial(logits, tta='none'))
-  plain, flipped = none(images), none(jnp.flip(images, axis=2))
-  np.testing.assert_allclose(jax.jit(functools.partial(logits, tta='flip'))(images),
-                             0.5 * (plain + flipped), rtol=1e-5, atol=1e-6)
-  padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
-  up_left, down_right = padded[:, :32, :32], padded[:, 2:, 2:]
-  mirror = lambda x: 0.5 * (none(x) + none(jnp.flip(x, axis=2)))
-  expected = 0.5 * mirror(images) + 0.25 * (mirror(up_left) + mirror(down_right))
-  np.testing.assert_allclose(jax.jit(functools.partial(logits, tta='flip_translate'))(images),
-                             expected, rtol=1e-5, atol=1e-6)
-  # Other shifts and weights: the centre pair at center_weight, the shifts sharing the rest.
-  padded = jnp.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode='reflect')
-  two_down, left = padded[:, :32, 2:34], padded[:, 2:34, 3:35]
-  expected = 0.4 * mirror(images) + 0.3 * (mirror(two_down) + mirror(left))
-  other = functools.partial(logits, tta='flip_translate', shifts=((2, 0), (0, -1)),
-                            center_weight=0.4)
-  np.testing.assert_allclose(jax.jit(other)(images), expected, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError):
-    steps.tta_logits(model, state.variables, images, 'rotate')
-
-
-def test_tta_options_from_config():
-  config = _tiny_config()
-  assert steps.tta_options(config) == {'tta': 'none', 'shifts': ((-1, -1), (1, 1)),
-                                       'center_weight': 0.5}
-  config.eval_tta, config.eval_tta_shifts = 'flip_translate', [[0, 2], [-2, 0]]  # from JSON
-  config.eval_tta_center_weight = 0.25
-  assert steps.tta_options(config) == {'tta': 'flip_translate', 'shifts': ((0, 2), (-2, 0)),
-                                       'center_weight': 0.25}
-  old = _tiny_config()  # a run's config from before eval_tta_shifts: airbench's views
-  del old['eval_tta_shifts'], old['eval_tta_center_weight']
-  assert steps.tta_options(old)['shifts'] == steps.AIRBENCH_SHIFTS
-
-
-@pytest.mark.parametrize('field,value,message', [
-    ('eval_tta_shifts', (), 'eval_tta_shifts must be'),
-    ('eval_tta_shifts', ((1, 1, 1),), 'eval_tta_shifts must be'),
-    ('eval_tta_shifts', ((0, 32),), 'eval_tta_shifts must be'),
-    ('eval_tta_shifts', ((0.5, 1),), 'eval_tta_shifts must be'),
-    ('eval_tta_center_weight', 1.5, 'eval_tta_center_weight must be in'),
-])
-def test_tta_config_is_checked(field, value, message):
-  config = _tiny_config()
-  config.eval_tta = 'flip_translate'
-  config[field] = value
-  with pytest.raises(UsageError, match=message):
-    config_lib.validate(config)
-
-
 def test_train_step_is_pure_and_counts():
   config = _tiny_config()
   model, tx, state = _state(config)
@@ -111,6 +32,30 @@ def test_train_step_is_pure_and_counts():
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   assert not np.allclose(a.params['linear']['kernel'], state.params['linear']['kernel'])
+
+
+def test_steps_on_device_are_train_steps_on_the_batches_they_make():
+  """train_steps_on_device scans train_step over the batches its make_batch (here
+  feeds.device_batch, as the trainer composes them) makes from fold_in(rng, step)."""
+  config = _tiny_config()
+  model, tx, state = _state(config)
+  rng = np.random.default_rng(0)
+  data = {'image': jnp.asarray(rng.integers(0, 256, (16, 32, 32, 3), np.uint8)),
+          'label': jnp.asarray(np.arange(16) % 10, jnp.int32)}
+  indices = jnp.asarray(rng.permutation(16).reshape(2, 8), jnp.int32)
+  make_batch = functools.partial(feeds.device_batch, policy='flip_crop', mean=(0.5,) * 3,
+                                 std=(0.5,) * 3)
+  scanned, metrics = jax.jit(functools.partial(
+      steps.train_steps_on_device, make_batch=make_batch, model=model, tx=tx))(
+          state, data, indices, 1)
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx))
+  one_by_one = state
+  for rows in indices:
+    batch = make_batch(data, rows, jax.random.fold_in(one_by_one.rng, one_by_one.step), 1)
+    one_by_one, _ = step(one_by_one, batch)
+  assert metrics['loss_sum'].shape == (2,) and int(scanned.step) == 2
+  for x, y in zip(jax.tree.leaves(scanned.params), jax.tree.leaves(one_by_one.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_eval_step_masks_padding_and_counts_confusion():

@@ -1,6 +1,7 @@
 import json
 import re
 
+from jaxres import reporting
 from tests.conftest import read_metrics
 
 EPOCH_LINE = re.compile(r'^Epoch \[(\d+)/3\], Train Loss: [\d.]+, Train Acc: [\d.]+, '
@@ -56,7 +57,7 @@ def test_on_device_feed_scans_steps_and_keeps_the_partial_batch(run_cli, tmp_pat
                  '--config.data.synthetic_train_size=1000', '--config.num_epochs=2',
                  '--config.log_train_steps=True')
   assert proc.returncode == 0, proc.stderr
-  steps = [json.loads(line) for line in (workdir / 'train_steps.jsonl').read_text().splitlines()]
+  steps = reporting.read_jsonl(str(workdir / 'train_steps.jsonl'))
   # 1000 images / 64 = 15 full batches (4 dispatches: 4+4+4+3) and a partial one of 40.
   assert [s['step'] for s in steps] == list(range(1, 33))
   records = read_metrics(workdir)
@@ -81,3 +82,31 @@ def test_a_batch_larger_than_the_data_with_drop_last_is_one_line(run_cli, tmp_pa
                                  'images and config.data.drop_last=True: an epoch would have no '
                                  'batch; use a smaller batch')
   assert not (tmp_path / 'w').exists()
+
+
+DATASET_CONFIG = '''"""The smoke config on a dataset this file registers, as code outside jaxres does."""
+from experiments import smoke
+from jaxres import input_pipeline
+
+
+@input_pipeline.DATASETS.register('few_stripes')
+def few_stripes(data, seed):
+  return input_pipeline.synthetic(256, 100, image_size=data.image_size, seed=seed + 1)
+
+
+def get_config():
+  config = smoke.get_config()
+  config.data.name, config.num_epochs = 'few_stripes', 1
+  return config
+'''
+
+
+def test_a_dataset_registered_by_the_config_file_trains(run_cli, tmp_path):
+  config_path = tmp_path / 'stripes_config.py'
+  config_path.write_text(DATASET_CONFIG)
+  workdir = tmp_path / 'run'
+  proc = run_cli('jaxres.train', '--config', config_path, '--workdir', workdir)
+  assert proc.returncode == 0, proc.stderr
+  assert '256 train / 100 test images' in proc.stdout
+  (record,) = read_metrics(workdir)
+  assert record['epoch'] == 1 and 'test_accuracy' in record

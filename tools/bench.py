@@ -43,6 +43,7 @@ from ml_collections import config_flags
 from jaxres import cli, config_lib, conv, feeds, input_pipeline, models, optim, parallel, steps
 from jaxres import host_allocator, runtime, train_state
 from jaxres.errors import UsageError
+from jaxres import train as train_lib
 from tools import verify
 
 DTYPES = ('float32', 'bfloat16')
@@ -125,10 +126,11 @@ def bench_jax_step(config, batch_size: int, num_steps: int) -> dict:
   data = jax.device_put({'image': _random_images(4 * batch_size, d.image_size),
                          'label': _random_labels(4 * batch_size, config.model.num_classes)})
   indices = jax.device_put(np.arange(batch_size, dtype=np.int32)[None])
+  make_batch = functools.partial(feeds.device_batch, policy=d.augment, mean=tuple(d.mean),
+                                 std=tuple(d.std))
   device_fn = jax.jit(functools.partial(
-      steps.train_steps_on_device, model=model, tx=tx, policy=d.augment,
-      mean=tuple(d.mean), std=tuple(d.std), label_smoothing=config.label_smoothing,
-      frozen=optim.frozen_in_epoch(config, 1)),
+      steps.train_steps_on_device, make_batch=make_batch, model=model, tx=tx,
+      label_smoothing=config.label_smoothing, frozen=optim.frozen_in_epoch(config, 1)),
       donate_argnums=0)
   epoch = jax.device_put(np.int32(1))
 
@@ -208,7 +210,7 @@ def bench_pipelines(config, batch_size: int, num_batches: int) -> dict:
             'torchvision_workers': d.num_workers}
 
   data = jax.device_put({'image': split.images, 'label': split.labels})
-  make = jax.jit(functools.partial(steps.device_batch, policy=d.augment, mean=tuple(d.mean),
+  make = jax.jit(functools.partial(feeds.device_batch, policy=d.augment, mean=tuple(d.mean),
                                    std=tuple(d.std)))
   keys = iter(jax.random.split(jax.random.key(0), num_batches + 2))
   rows = jax.device_put(np.arange(batch_size, dtype=np.int32))
@@ -233,7 +235,7 @@ def measure_epochs(config, num_images: int) -> dict:
     feed = feeds.create(cfg, split, mesh)
     model, tx, state = _setup(cfg, feed.num_batches)
     state = jax.device_put(state, parallel.replicated(mesh))
-    train_fn = feed.train_fn(model, tx, cfg)
+    train_fn = train_lib.train_function(feed, model, tx, cfg)
     start = time.perf_counter()
     for _, args in feed.epoch(1):
       state, metrics = train_fn(state, *args)

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import torch
 
-from jaxres import config_lib, input_pipeline, reporting, torch_reference
+from jaxres import config_lib, input_pipeline, optim, reporting, torch_reference
 from jaxres import train as train_lib
 from jaxres.errors import UsageError
 from tools import compare_torch, run_stats
@@ -167,7 +167,7 @@ def torch_train_and_evaluate(config, workdir: str, log=_print) -> list:
   p = config.plateau
   scheduler = (torch_reference.seed_scheduler(optimizer, p.factor, p.patience, p.threshold,
                                               p.cooldown)
-               if config.schedule == 'plateau' else None)
+               if optim.schedule(config).steps_on_test_loss else None)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CHECKPOINT)
   if not config.resume and os.path.exists(path):

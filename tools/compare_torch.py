@@ -34,7 +34,6 @@ difference and a verdict (tools.compare_seeds).
 import copy
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Iterable, Iterator, Optional
@@ -45,7 +44,7 @@ import numpy as np
 from ml_collections import config_flags
 import torch
 
-from jaxres import cli, config_lib, input_pipeline, models, optim, runtime, steps
+from jaxres import cli, config_lib, input_pipeline, models, optim, reporting, runtime, steps
 from jaxres import torch_compat, torch_reference, train_state
 from jaxres.errors import UsageError
 
@@ -376,18 +375,10 @@ def read_metrics(path: str) -> list:
   """The epoch records of a jaxres metrics.jsonl."""
   if not os.path.isfile(path):
     raise UsageError(f'{path} does not exist (a jaxres workdir holds metrics.jsonl)')
-  records = []
-  with open(path) as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UsageError(f'{path}, line {number}: not JSON ({e.msg})') from None
-      if 'epoch' not in record:
-        raise UsageError(f'{path}, line {number}: no "epoch" field')
-      records.append(record)
+  records = reporting.read_jsonl(path)
+  for number, record in enumerate(records, start=1):
+    if not isinstance(record, dict) or 'epoch' not in record:
+      raise UsageError(f'{path}, record {number}: no "epoch" field')
   if not records:
     raise UsageError(f'{path} holds no epochs')
   return records
