@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   # ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/jaxres/xla) | none | a directory.
   config.compilation_cache = 'auto'
   config.param_budget = 5_000_000
-  # Host memory (jaxres.host_allocator): 'hugepages' restarts the command once with glibc
+  # Host memory (jaxres.cpu.host_allocator): 'hugepages' restarts the command once with glibc
   # asked for transparent huge pages, so the CPU backend's big buffers fault in 2 MB at a
   # time, not 4 KB (measured in BENCHMARKS.md); 'system' leaves malloc alone. Applied on
   # the CPU only (on an accelerator the activations live on the device).
@@ -67,16 +67,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.plateau.cooldown = 0
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = 'resnet'
+  config.model.name = 'resnet'  # in models.MODELS: resnet | whitened_resnet
   config.model.widths = (32, 64, 128, 256)
   config.model.blocks = (2, 2, 2, 2)
   config.model.num_classes = 10
   config.model.bn_momentum = 0.1  # PyTorch convention (weight of the new batch)
   config.model.bn_epsilon = 1e-5
   config.model.sync_batch_stats = True  # BatchNorm over the global batch on many devices
+  # The CPU backend's fields (jaxres.cpu: plugged in on the CPU only, optional):
   config.model.conv_impl = 'auto'  # convolution formulation: auto picks by backend
   config.model.winograd_tile = 4  # m of Winograd F(m x m, 3 x 3) when conv_impl is winograd
-  # Winograd transforms: auto = jaxres.native's compiled loops where they apply, else XLA's
+  # Winograd transforms: auto = jaxres.cpu.native's compiled loops where they apply, else XLA's
   config.model.winograd_transforms = 'auto'
   # whitened_resnet only (experiments/fast.py)
   config.model.whiten_kernel = 2

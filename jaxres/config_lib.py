@@ -8,8 +8,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxres import augment, conv, evaluation, host_allocator, input_pipeline, models, optim
-from jaxres import train_state
+from jaxres import augment, evaluation, input_pipeline, models, optim, train_state
 from jaxres.errors import UsageError
 
 DTYPES = ('float32', 'bfloat16')
@@ -21,16 +20,6 @@ MATMUL_PRECISIONS = ('default', 'tensorfloat32', 'float32', 'bfloat16')
 def _require(ok: bool, message: str):
   if not ok:
     raise UsageError(message)
-
-
-def _validate_conv(config: ml_collections.ConfigDict) -> None:
-  m = config.model
-  _require(m.conv_impl in conv.IMPLS, f'config.model.conv_impl must be one of '
-           f'{", ".join(conv.IMPLS)}, got {m.conv_impl!r}')
-  _require(m.winograd_tile in conv.TILE_SIZES, f'config.model.winograd_tile must be one of '
-           f'{", ".join(map(str, conv.TILE_SIZES))}, got {m.winograd_tile!r}')
-  _require(m.winograd_transforms in conv.TRANSFORMS, f'config.model.winograd_transforms must be '
-           f'one of {", ".join(conv.TRANSFORMS)}, got {m.winograd_transforms!r}')
 
 
 def validate_tta(config: ml_collections.ConfigDict) -> None:
@@ -52,7 +41,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raise UsageError naming the first field whose value cannot work.
 
   The config alone: no JAX backend is started here (a multi-host run validates before
-  jax.distributed.initialize). What depends on the platform is jaxres.runtime.check's.
+  jax.distributed.initialize). What depends on the platform is jaxres.runtime.check's,
+  and a platform backend's own fields (jaxres.backends) are its to validate.
   """
   for field in ('num_epochs', 'batch_size', 'eval_batch_size'):
     value = config[field]
@@ -66,10 +56,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   precision = config.get('matmul_precision', 'default')
   _require(precision in MATMUL_PRECISIONS, f'config.matmul_precision must be one of '
            f'{", ".join(MATMUL_PRECISIONS)}, got {precision!r}')
-  _require(config.host_allocator in host_allocator.POLICIES,
-           f'config.host_allocator must be one of {", ".join(host_allocator.POLICIES)}, '
-           f'got {config.host_allocator!r}')
-  _validate_conv(config)
   # Names of the registries (UsageError naming the field and its choices otherwise).
   optim.OPTIMIZERS.get(config.optimizer)
   optim.SCHEDULES.get(config.schedule)
@@ -97,8 +83,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0 <= config.label_smoothing < 1, 'config.label_smoothing must be in [0, 1)')
   _require(config.checkpoint_keep >= 1, 'config.checkpoint_keep must be >= 1')
   m = config.model
-  _require(m.name in ('resnet', 'whitened_resnet'),
-           f'config.model.name must be resnet or whitened_resnet, got {m.name!r}')
+  _require(m.name in models.MODELS, f'config.model.name must be one of '
+           f'{models.MODELS.choices()}, got {m.name!r}')
   _require(len(m.widths) > 0 and all(int(w) > 0 for w in m.widths),
            'config.model.widths must be positive')
   if m.name == 'resnet':

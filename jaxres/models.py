@@ -1,20 +1,48 @@
-"""The seed's "ModifiedResNet" (a half-width ResNet-18) as a Flax Linen module.
+"""The models a config can name (MODELS), as Flax Linen modules.
 
-Module names follow the PyTorch reference (conv1, bn1, layer1_0, ..., linear) so the
-parameter tree reads like the seed's state_dict and converts to it key by key.
+`resnet` is the seed's "ModifiedResNet" (a half-width ResNet-18), `whitened_resnet` the
+fast recipe's network (experiments/fast.py). Module names follow the PyTorch reference
+(conv1, bn1, layer1_0, ..., linear) so the parameter tree reads like the seed's
+state_dict and converts to it key by key.
+
+Models hold their architecture only. Their convolution is a module definition called
+like flax.linen.Conv (`conv: ModuleDef = nn.Conv`, as in Flax's examples/imagenet):
+`create_model` passes the ones the platform's backend provides (jaxres.backends: on the
+CPU, jaxres.cpu's Winograd convolutions), and flax.linen.Conv stays where there is none.
+The parameter tree is the same on every convolution.
+
+Registering a model. MODELS maps config.model.name to a ModelEntry; the `register`
+decorator adds a builder, from this module or any other:
+
+    import flax.linen as nn
+    from jaxres import models
+
+    @models.register('tiny')
+    def tiny(config, conv_defs, num_devices):
+      return Tiny(width=config.model.widths[0], conv=conv_defs.get('conv', nn.Conv))
+
+`conv_defs` is the backend's {'conv': ..., 'conv_pool': ...} ({} without a backend);
+`num_devices` matters for per-device BatchNorm. A model with layers computed from the
+training images registers `data_init(config, images) -> parameter overrides` with it and
+`data_images(config)`, how many (the first) training images it reads, as
+whitened_resnet does below. The config file imports the module that registers (its
+import runs once per process), and `config.model.name = 'tiny'` picks it:
+`python -m jaxres.train --config my_config.py`. A builder registered with
+`MODELS.register(name)` directly is a model without data init.
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxres import conv as conv_lib
-from jaxres import input_pipeline, layers
+from jaxres import backends, layers
+from jaxres.registry import Registry
 
+ModuleDef = Any
 PADDING_3X3 = ((1, 1), (1, 1))  # PyTorch's padding=1; 'SAME' differs for stride 2.
 
 
@@ -38,13 +66,6 @@ class BasicBlock(nn.Module):
     return nn.relu(y + x)
 
 
-def _conv_general_dilated(module: nn.Module, max_pool: bool = False):
-  """The convolution a model's conv_impl, winograd_tile, dtype, winograd_transforms pick
-  (followed by 2x2 max pooling with `max_pool`: conv_lib.conv_general_dilated)."""
-  return conv_lib.conv_general_dilated(module.conv_impl, module.winograd_tile, module.dtype,
-                                       module.winograd_transforms, max_pool)
-
-
 class ResNet(nn.Module):
   """CIFAR ResNet of BasicBlocks: stem conv, len(widths) stages, global pool, linear.
 
@@ -58,15 +79,12 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5
   bn_groups: int = 1
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'  # 'xla', 'winograd' or 'auto' (jaxres.conv.resolve)
-  winograd_tile: int = 4  # m of Winograd F(m x m, 3 x 3): 4 (fewer multiplies) or 2
-  winograd_transforms: str = 'xla'  # 'xla', 'native' or 'auto' (conv.resolve_transforms)
+  conv: ModuleDef = nn.Conv  # called like nn.Conv (the platform's: create_model)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=layers.torch_kernel_init,
-                             conv_general_dilated=_conv_general_dilated(self))
+    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=layers.torch_kernel_init)
     norm = functools.partial(layers.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              num_groups=self.bn_groups if train else 1, dtype=self.dtype)
@@ -104,7 +122,7 @@ class ConvGroup(nn.Module):
   """conv3x3 -> maxpool 2 -> BN -> act -> conv3x3 -> BN (+ residual) -> act.
 
   `conv_pool`, where given, is a convolution module that max-pools its output 2x2
-  itself (a conv_general_dilated with max_pool=True): it replaces conv1 and the pool.
+  itself (jaxres.cpu's conv_pool, for one): it replaces conv1 and the pool.
   """
 
   features: int
@@ -135,6 +153,10 @@ class WhitenedResNet(nn.Module):
   halving the resolution, a global max pool and a bias-free linear layer scaled by
   `logit_scale`. BatchNorm has no scale parameter. This is the airbench94 network with a
   residual connection around each group's second convolution.
+
+  `conv` is called like nn.Conv; `conv_pool`, where given, like nn.Conv too, but it
+  max-pools its output 2x2 itself (the backend's fused convolution and pooling); None is
+  `conv` followed by layers.max_pool.
   """
 
   widths: Sequence[int] = (64, 256, 256)
@@ -146,24 +168,22 @@ class WhitenedResNet(nn.Module):
   logit_scale: float = 1 / 9
   residual: bool = True
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'  # as ResNet.conv_impl
-  winograd_tile: int = 4
-  winograd_transforms: str = 'xla'
+  conv: ModuleDef = nn.Conv
+  conv_pool: Optional[ModuleDef] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=dirac_kernel_init(),
-                             conv_general_dilated=_conv_general_dilated(self))
-    conv_pool = functools.partial(conv, conv_general_dilated=_conv_general_dilated(self, True))
+    options = dict(use_bias=False, dtype=self.dtype, kernel_init=dirac_kernel_init())
+    conv = functools.partial(self.conv, **options)
+    conv_pool = None if self.conv_pool is None else functools.partial(self.conv_pool, **options)
     norm = functools.partial(layers.BatchNorm, use_running_average=not train, use_scale=False,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              num_groups=self.bn_groups if train else 1, dtype=self.dtype)
     act = functools.partial(nn.gelu, approximate=True)
     x = x.astype(self.dtype)
     k = self.whiten_kernel
-    x = nn.Conv(whitening_width(k), (k, k), padding='VALID', use_bias=True, dtype=self.dtype,
-                conv_general_dilated=_conv_general_dilated(self), name='whiten')(x)
+    x = self.conv(whitening_width(k), (k, k), padding='VALID', use_bias=True, dtype=self.dtype,
+                  name='whiten')(x)
     x = act(x)
     for i, features in enumerate(self.widths):
       x = ConvGroup(features, conv, norm, act, self.residual, conv_pool,
@@ -199,37 +219,91 @@ def whitening_kernel(images: np.ndarray, kernel_size: int = 2, eps: float = 5e-4
   return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
 
 
+# ---------------------------------------------------------------------------- registry
+
+class ModelEntry(NamedTuple):
+  """What MODELS holds for one config.model.name."""
+
+  build: Callable  # (config, conv_defs, num_devices) -> nn.Module
+  data_init: Optional[Callable] = None  # (config, images) -> parameter overrides
+  data_images: Optional[Callable] = None  # config -> how many training images data_init reads
+
+
+MODELS = Registry('model', 'config.model.name')
+
+
+def register(name: str, data_init: Optional[Callable] = None,
+             data_images: Optional[Callable] = None):
+  """A decorator that registers `build(config, conv_defs, num_devices) -> nn.Module` as
+  model `name` (a ModelEntry with `data_init` and `data_images`, if any)."""
+
+  def add(build):
+    MODELS.register(name, ModelEntry(build, data_init, data_images))
+    return build
+
+  return add
+
+
+def _entry(config: ml_collections.ConfigDict) -> ModelEntry:
+  """config.model.name's entry (UsageError naming the choices if there is none)."""
+  entry = MODELS.get(config.model.name)
+  return entry if isinstance(entry, ModelEntry) else ModelEntry(entry)
+
+
 def create_model(config: ml_collections.ConfigDict, num_devices: int = 1) -> nn.Module:
-  """The model a config describes. `num_devices` matters for per-device BatchNorm only."""
+  """The model a config describes, on the platform backend's convolutions.
+
+  `num_devices` matters for per-device BatchNorm only.
+  """
+  return _entry(config).build(config, backends.conv_defs(config), num_devices)
+
+
+def data_images(config: ml_collections.ConfigDict) -> int:
+  """How many training images, the first ones, `data_init` reads (0: none)."""
+  entry = _entry(config)
+  return 0 if entry.data_images is None else int(entry.data_images(config))
+
+
+def data_init(config: ml_collections.ConfigDict, images: np.ndarray) -> dict:
+  """Parameters computed from the training images, overriding the random init.
+
+  `images`: the first `data_images(config)` training images, normalized
+  (input_pipeline.normalize with config.data's mean and std). Empty for models without
+  such layers; train_state.create merges the result.
+  """
+  entry = _entry(config)
+  return {} if entry.data_init is None else entry.data_init(config, images)
+
+
+def _bn_groups(config: ml_collections.ConfigDict, num_devices: int) -> int:
+  return 1 if config.model.sync_batch_stats else num_devices
+
+
+@register('resnet')
+def _resnet(config: ml_collections.ConfigDict, conv_defs: dict, num_devices: int) -> ResNet:
   m = config.model
-  groups = 1 if m.sync_batch_stats else num_devices
-  if m.name == 'whitened_resnet':
-    return WhitenedResNet(
-        widths=tuple(m.widths), whiten_kernel=m.whiten_kernel, num_classes=m.num_classes,
-        bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon, bn_groups=groups,
-        logit_scale=m.logit_scale, residual=m.residual, dtype=jnp.dtype(config.dtype),
-        conv_impl=m.conv_impl, winograd_tile=m.winograd_tile,
-        winograd_transforms=m.winograd_transforms)
-  if m.name != 'resnet':
-    raise ValueError(f'unknown model.name {m.name!r}')
   return ResNet(
       widths=tuple(m.widths), blocks=tuple(m.blocks), num_classes=m.num_classes,
       bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
-      bn_groups=groups,
-      dtype=jnp.dtype(config.dtype),
-      conv_impl=m.conv_impl, winograd_tile=m.winograd_tile,
-      winograd_transforms=m.winograd_transforms)
+      bn_groups=_bn_groups(config, num_devices), dtype=jnp.dtype(config.dtype),
+      conv=conv_defs.get('conv', nn.Conv))
 
 
-def data_init(config: ml_collections.ConfigDict, train_split) -> dict:
-  """Parameters computed from the training images, overriding the random init.
+def _whitening_init(config: ml_collections.ConfigDict, images: np.ndarray) -> dict:
+  """The whitening layer's kernel from the first model.whiten_images images."""
+  m = config.model
+  return {'whiten': {'kernel': whitening_kernel(images[:m.whiten_images], m.whiten_kernel,
+                                                m.whiten_eps)}}
 
-  Empty for models without such layers; train_state.create merges the result.
-  """
-  if config.model.name == 'resnet':
-    return {}
-  if config.model.name == 'whitened_resnet':
-    m, d = config.model, config.data
-    images = input_pipeline.normalize(train_split.images[:m.whiten_images], d.mean, d.std)
-    return {'whiten': {'kernel': whitening_kernel(images, m.whiten_kernel, m.whiten_eps)}}
-  raise ValueError(f'unknown model.name {config.model.name!r}')
+
+@register('whitened_resnet', data_init=_whitening_init,
+          data_images=lambda config: config.model.whiten_images)
+def _whitened_resnet(config: ml_collections.ConfigDict, conv_defs: dict,
+                     num_devices: int) -> WhitenedResNet:
+  m = config.model
+  return WhitenedResNet(
+      widths=tuple(m.widths), whiten_kernel=m.whiten_kernel, num_classes=m.num_classes,
+      bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
+      bn_groups=_bn_groups(config, num_devices), logit_scale=m.logit_scale,
+      residual=m.residual, dtype=jnp.dtype(config.dtype),
+      conv=conv_defs.get('conv', nn.Conv), conv_pool=conv_defs.get('conv_pool'))

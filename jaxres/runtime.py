@@ -3,14 +3,16 @@
 Every command that runs a config starts with `start(config, ...)`, in this order:
 
 1. `config_lib.validate(config)`: the config alone, no JAX backend touched;
-2. the host allocator (jaxres.host_allocator), which may restart the process, and only
-   when the run's platform is the CPU -- decided by `expected_platform()` from JAX's
-   settings and the installed plugins, without starting a backend;
+2. the platform backend's validation and process preparation (jaxres.backends; on the
+   CPU, jaxres.cpu's huge-page allocator, which may restart the process), for the
+   platform `expected_platform()` decides from JAX's settings and the installed plugins,
+   without starting a backend;
 3. `jax.distributed.initialize` for a multi-host run (parallel.initialize_distributed),
    which must come before anything that starts a backend;
 4. `configure(config)`: matmul precision and the persistent compilation cache;
-5. `check(config)`: the checks that need the platform or the device count (native
-   Winograd transforms asked for where they cannot run, the data feed).
+5. `check(config)`: the checks that need the platform or the device count (the platform
+   backend's, such as native Winograd transforms asked for where they cannot run; the
+   data feed).
 
 Automatic settings are resolved here, from the platform, and never written back into
 the config: a run's config.json keeps 'auto' and resolves again where it is resumed.
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxres import config_lib, conv, host_allocator, parallel
+from jaxres import backends, config_lib, parallel
 from jaxres.errors import UsageError
 
 _ACCELERATOR_PLUGINS = {'cuda': 'gpu', 'rocm': 'gpu', 'tpu': 'tpu'}
@@ -121,12 +123,7 @@ def configure(config: ml_collections.ConfigDict) -> None:
 def check(config: ml_collections.ConfigDict) -> None:
   """UsageError for what cannot work on this platform and device count (after
   jax.distributed.initialize)."""
-  m = config.model
-  try:  # 'native' transforms where they cannot run (no compiler, GPU, ...) say why
-    conv.transforms_in_use(m.conv_impl, m.winograd_tile, jnp.dtype(config.dtype),
-                           m.winograd_transforms)
-  except ValueError as e:
-    raise UsageError(f'config.model.{e}') from None
+  backends.check(config, platform())
   if config.data.alternating_flip and not on_device(config):
     raise UsageError('config.data.alternating_flip needs the data on the device: '
                      f'config.data.on_device resolves to False on {platform()}; set it to True')
@@ -136,23 +133,16 @@ def start(config: ml_collections.ConfigDict, coordinator_address: Optional[str] 
           num_processes: Optional[int] = None, process_id: Optional[int] = None) -> None:
   """A command's start-up, in the order the module docstring gives."""
   config_lib.validate(config)
-  if expected_platform() == 'cpu':
-    host_allocator.apply(config.host_allocator)  # may restart this command, once
+  backends.prepare_process(config, expected_platform())  # may restart this command, once
   parallel.initialize_distributed(coordinator_address, num_processes, process_id)
   configure(config)
   check(config)
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
-  """What the run uses, one line: dtype, matmul precision, convolutions, host
-  allocator, data feed (a silent fallback shows here)."""
-  m = config.model
+  """What the run uses, one line: dtype, matmul precision, the platform backend's part
+  (convolutions, host allocator), data feed (a silent fallback shows here)."""
   dtype = jnp.dtype(config.dtype)
-  impl = conv.resolve(m.conv_impl, dtype=dtype)
-  convolutions = impl
-  if impl == 'winograd':
-    transforms = conv.transforms_in_use(m.conv_impl, m.winograd_tile, dtype, m.winograd_transforms)
-    convolutions += f' F({m.winograd_tile}x{m.winograd_tile},3x3), {transforms} transforms'
   precision = jax.config.jax_default_matmul_precision or 'default'
   if precision == 'default' and platform() == 'gpu':
     precision += ' (tensorfloat32 on NVIDIA)'
@@ -160,5 +150,5 @@ def describe(config: ml_collections.ConfigDict) -> str:
     feed = f'on the device (augment {config.data.augment})'
   else:
     feed = f'torchvision (augment {config.data.augment}, {config.data.num_workers} workers)'
-  return (f'{dtype.name}, matmul precision {precision}; convolutions {convolutions}; '
-          f'host allocator {host_allocator.in_use()}; data {feed}')
+  return (f'{dtype.name}, matmul precision {precision}; {backends.describe(config, platform())}; '
+          f'data {feed}')

@@ -270,7 +270,8 @@ def _train(config, workdir, mesh, num_params, train_split, eval_split, split_nam
   lookahead = optim.create_lookahead(config, feed.num_batches)
   plateau = optim.create_plateau(config)
   batch_sharding = parallel.data_sharding(mesh)
-  overrides = models.data_init(config, train_split)
+  overrides = models.data_init(config, input_pipeline.normalize(
+      train_split.images[:models.data_images(config)], config.data.mean, config.data.std))
   state = jax.jit(functools.partial(train_state_lib.create, config, model, tx),
                   out_shardings=parallel.replicated(mesh))(overrides)
   state, start_epoch, start_step, partial_sums, records = _prepare_workdir(

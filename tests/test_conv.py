@@ -1,4 +1,4 @@
-"""jaxres.conv: every matmul formulation equals XLA's convolution (values and gradients).
+"""jaxres.cpu.conv: every matmul formulation equals XLA's convolution (values and gradients).
 
 Whole models on these formulations are checked against PyTorch in tests/test_parity.py
 (its config runs conv_impl='auto', Winograd on a CPU): logits, BatchNorm statistics and
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxres import conv
+from jaxres.cpu import conv
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 

@@ -6,6 +6,8 @@ import pytest
 
 from experiments import base, smoke
 from jaxres import config_lib, input_pipeline, layers, models, train_state
+from jaxres.errors import UsageError
+from jaxres.registry import Registry
 
 
 def _init(config, batch=2, shapes_only=False):
@@ -137,9 +139,50 @@ def test_fast_model_shapes_budget_and_data_init():
   with config.unlocked():
     config.model.whiten_images = 32
     config.model.conv_impl = 'xla'  # compiles faster; tests/test_conv.py covers the rest
-  overrides = models.data_init(config, split)
+  images = input_pipeline.normalize(split.images[:models.data_images(config)],
+                                    config.data.mean, config.data.std)
+  assert len(images) == 32
+  overrides = models.data_init(config, images)
   assert overrides['whiten']['kernel'].shape == (2, 2, 3, 24)
   model = models.create_model(config)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))
   logits = model.apply(variables, jnp.zeros((2, 32, 32, 3)))
   assert logits.shape == (2, 10)
+
+
+def test_a_model_registered_outside_the_package_builds_by_config(monkeypatch):
+  """models.register from any module: config.model.name picks it, with the platform's
+  convolution and its data init (the first data_images(config) images)."""
+
+  class Tiny(nn.Module):
+    conv: object = nn.Conv
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = self.conv(4, (3, 3), name='conv')(x)
+      return nn.Dense(10, name='linear')(x.mean(axis=(1, 2)))
+
+  registry = Registry('model', 'config.model.name')
+  for name in models.MODELS:
+    registry.register(name, models.MODELS.get(name))
+  monkeypatch.setattr(models, 'MODELS', registry)
+
+  @models.register('tiny', data_init=lambda config, images: {'n': len(images)},
+                   data_images=lambda config: 3)
+  def tiny(config, conv_defs, num_devices):
+    return Tiny(conv=conv_defs.get('conv', nn.Conv))
+
+  config = smoke.get_config()
+  config.model.name = 'tiny'
+  config_lib.validate(config)
+  model = models.create_model(config)
+  assert isinstance(model, Tiny) and models.data_images(config) == 3
+  assert models.data_init(config, np.zeros((3, 32, 32, 3), np.float32)) == {'n': 3}
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))))
+  assert shapes['params']['conv']['kernel'].shape == (3, 3, 3, 4)
+  config.model.name = 'resnet'
+  assert models.data_images(config) == 0 and models.data_init(config, None) == {}
+  config.model.name = 'nope'
+  with pytest.raises(UsageError, match='config.model.name must be one of resnet, '
+                     'whitened_resnet or tiny'):
+    config_lib.validate(config)

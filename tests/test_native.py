@@ -1,6 +1,6 @@
-"""jaxres.native: the compiled Winograd transforms equal jaxres.conv's XLA ones, and a
-convolution on them equals XLA's convolution (values and gradients); without a compiler
-they are unavailable and jaxres.conv falls back to XLA's transforms."""
+"""jaxres.cpu.native: the compiled Winograd transforms equal jaxres.cpu.conv's XLA ones, and
+a convolution on them equals XLA's convolution (values and gradients); without a compiler
+they are unavailable and jaxres.cpu.conv falls back to XLA's transforms."""
 
 import functools
 import subprocess
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from experiments import base
-from jaxres import config_lib, conv, layers, models, native, runtime
+from jaxres import config_lib, cpu, layers, models, runtime
+from jaxres.cpu import conv, native
 from jaxres.errors import UsageError
 from tests import test_conv
 from tests.conftest import cli_env
@@ -171,13 +172,16 @@ def test_build_is_cached_by_content(tmp_path, monkeypatch):
 def test_config_names_a_bad_convolution_field(field, value):
   config = base.get_config()
   config.model[field] = value
+  config_lib.validate(config)  # the core leaves the backend's fields to it
   with pytest.raises(UsageError, match=f'config.model.{field} must be one of'):
-    config_lib.validate(config)
+    cpu.validate(config)
+  with pytest.raises(UsageError, match=f'config.model.{field} must be one of'):
+    runtime.check(config)
 
 
 def test_several_devices_keep_xla_transforms():
   """XLA cannot split a custom call across devices: 'auto' keeps XLA's transforms there."""
-  code = ('import jax; from jaxres import conv; print(jax.device_count(), '
+  code = ('import jax; from jaxres.cpu import conv; print(jax.device_count(), '
           'conv.resolve_transforms("auto"))')
   env = cli_env({'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,

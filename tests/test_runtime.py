@@ -135,7 +135,9 @@ def test_bfloat16_training_of_each_recipe_is_finite_and_learns(module):
   train, _ = input_pipeline.synthetic(64, 8, seed=0)
   model = models.create_model(config)
   tx = optim.create_optimizer(config, steps_per_epoch=2)
-  state = train_state_lib.create(config, model, tx, models.data_init(config, train))
+  images = input_pipeline.normalize(train.images[:models.data_images(config)],
+                                    config.data.mean, config.data.std)
+  state = train_state_lib.create(config, model, tx, models.data_init(config, images))
   assert model.dtype == jnp.bfloat16
   images = input_pipeline.normalize(train.images[:32], config.data.mean, config.data.std)
   batch = {'image': jnp.asarray(images), 'label': jnp.asarray(train.labels[:32])}

@@ -36,12 +36,11 @@ from typing import Callable, Optional
 
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from jaxres import cli, config_lib, conv, feeds, input_pipeline, models, optim, parallel, steps
-from jaxres import host_allocator, runtime, train_state
+from jaxres import backends, cli, config_lib, feeds, input_pipeline, models, optim, parallel
+from jaxres import runtime, steps, train_state
 from jaxres.errors import UsageError
 from jaxres import train as train_lib
 from tools import verify
@@ -95,7 +94,9 @@ def _setup(config, steps_per_epoch: int):
   layers (a whitening layer) are initialized from random images."""
   model = models.create_model(config)
   tx = optim.create_optimizer(config, steps_per_epoch=steps_per_epoch)
-  overrides = models.data_init(config, _random_split(config, 256))
+  images = _random_images(256, config.data.image_size)[:models.data_images(config)]
+  overrides = models.data_init(config, input_pipeline.normalize(images, config.data.mean,
+                                                                config.data.std))
   state = jax.jit(functools.partial(train_state.create, config, model, tx))(overrides)
   return model, tx, state
 
@@ -281,13 +282,10 @@ def run(config, batch_size: int, dtype: str, num_steps: int, torch_compile: bool
             'batch_size': batch_size, 'dtype': dtype, 'steps': num_steps,
             'model': config.model.name,
             'params': config_lib.param_count(config)[0],
-            'conv_impl': conv.resolve(config.model.conv_impl, dtype=jnp.dtype(dtype)),
-            'winograd_transforms': conv.transforms_in_use(
-                config.model.conv_impl, config.model.winograd_tile, jnp.dtype(dtype),
-                config.model.winograd_transforms),
+            # conv_impl, winograd_transforms, host_allocator: the platform backend's
+            **backends.resolved(config),
             'augment': config.data.augment,
             'xla_flags': os.environ.get('XLA_FLAGS', ''),
-            'host_allocator': host_allocator.in_use(),
             'matmul_precision': jax.config.jax_default_matmul_precision or 'default',
             'date': time.strftime('%Y-%m-%d')}
   result.update(_versions())

@@ -1,4 +1,4 @@
-"""Time jaxres.native's Winograd transforms on the 3x3 convolutions of experiments/fast.py.
+"""Time jaxres.cpu.native's Winograd transforms on the 3x3 convolutions of experiments/fast.py.
 
     python -m tools.bench_transforms [--batch 1024] [--repeats 5]
 
@@ -8,7 +8,7 @@ train step (compilation excluded, after a warm-up call): the input transform and
 adjoint, and the output transform and its adjoint, or for a group's first convolution
 the output transform fused with 2x2 max pooling and that pair's adjoint. Each call
 writes a fresh result buffer, as in a step; like jaxres.train, the command runs under
-config.host_allocator's default policy ('hugepages', jaxres/host_allocator.py).
+config.host_allocator's default policy ('hugepages', jaxres/cpu/host_allocator.py).
 `python -m tools.profile_step` shows the same ops inside the step.
 """
 
@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxres import host_allocator
+from jaxres.cpu import host_allocator
 
 # fast.py's 3x3 convolutions: (name, input height = width, in channels, out channels,
 # followed by 2x2 max pooling).
@@ -41,7 +41,7 @@ def _median_ms(fn, args, repeats: int) -> float:
 
 def bench(batch: int, repeats: int, convs=FAST_CONVS) -> list[dict]:
   """[{'conv', 'shape', op name: median ms, ...}] for each convolution of `convs`."""
-  from jaxres import native
+  from jaxres.cpu import native
   reason = native.unavailable_reason()
   if reason is not None:
     raise SystemExit(f'tools.bench_transforms: {reason}')

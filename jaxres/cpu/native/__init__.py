@@ -1,12 +1,12 @@
 """Native Winograd transforms for XLA:CPU: winograd.cc, built on first use, called by XLA FFI.
 
-jaxres.conv computes every 3x3 convolution on CPU as Winograd F(4x4, 3x3): matmuls
+jaxres.cpu.conv computes every 3x3 convolution on CPU as Winograd F(4x4, 3x3): matmuls
 between four data transforms (input, output and their adjoints). XLA's fusions of those
 transforms are memory-bound passes that run at about half the speed of a plain loop over
 each tile (1.8x in fast.py's step, BENCHMARKS.md); winograd.cc is that loop (one pass per
 tile over blocks of channels, on every core, results written with non-temporal stores).
 It also has the output transform followed by 2x2 max pooling, and that pair's adjoint
-(output_transform_pool*), for jaxres.conv.winograd_conv3x3_max_pool.
+(output_transform_pool*), for jaxres.cpu.conv.winograd_conv3x3_max_pool.
 `python -m tools.profile_step` shows what they cost in a train step.
 
 The shared library is compiled from winograd.cc with the system's C++ compiler ($CXX,
@@ -15,10 +15,10 @@ else c++) the first time a process needs it, into a cache directory
 goes into it (source, compiler, flags, jax's version and FFI header directory, the CPU's
 features), so a build is reused by later processes and never by a machine it was not
 built for. Where it cannot be built (no compiler, neither Linux nor macOS, ...),
-`available()` is False with the reason in `unavailable_reason()`, and jaxres.conv keeps
+`available()` is False with the reason in `unavailable_reason()`, and jaxres.cpu.conv keeps
 XLA's transforms.
 
-Only float32, F(4x4, 3x3), NHWC, the layouts of jaxres/conv.py.
+Only float32, F(4x4, 3x3), NHWC, the layouts of jaxres/cpu/conv.py.
 """
 
 import functools
@@ -155,23 +155,23 @@ def _tiles(n: int, h: int, w: int) -> int:
 
 
 def input_transform(x: jax.Array) -> jax.Array:
-  """jaxres.conv.input_transform(x, 4): (N, H, W, C) -> (36, N T S, C)."""
+  """jaxres.cpu.conv.input_transform(x, 4): (N, H, W, C) -> (36, N T S, C)."""
   n, h, w, c = x.shape
   return _call('jaxres_winograd_input', x, (ALPHA2, _tiles(n, h, w), c))
 
 
 def input_transform_adjoint(v: jax.Array, shape) -> jax.Array:
-  """jaxres.conv.input_transform_adjoint(v, shape, 4): (36, N T S, C) -> shape (N, H, W, C)."""
+  """jaxres.cpu.conv.input_transform_adjoint(v, shape, 4): (36, N T S, C) -> shape (N, H, W, C)."""
   return _call('jaxres_winograd_input_adjoint', v, shape)
 
 
 def output_transform(m: jax.Array, shape) -> jax.Array:
-  """jaxres.conv.output_transform(m, (N, H, W), 4): (36, N T S, K) -> (N, H, W, K)."""
+  """jaxres.cpu.conv.output_transform(m, (N, H, W), 4): (36, N T S, K) -> (N, H, W, K)."""
   return _call('jaxres_winograd_output', m, tuple(shape) + (m.shape[-1],))
 
 
 def output_transform_adjoint(dy: jax.Array) -> jax.Array:
-  """jaxres.conv.output_transform_adjoint(dy, 4): (N, H, W, K) -> (36, N T S, K)."""
+  """jaxres.cpu.conv.output_transform_adjoint(dy, 4): (N, H, W, K) -> (36, N T S, K)."""
   n, h, w, k = dy.shape
   return _call('jaxres_winograd_output_adjoint', dy, (ALPHA2, _tiles(n, h, w), k))
 

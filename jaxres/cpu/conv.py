@@ -29,7 +29,7 @@ such as a 2x2 whitening layer on RGB): im2col (k^2 strided slices side by side, 
 matmul).
 
 The four transforms are XLA ops, or with winograd_transforms='native' the loops of
-jaxres/native/winograd.cc (F(4x4, 3x3) in float32 on CPU; 1.8x faster in fast.py's step,
+jaxres/cpu/native/winograd.cc (F(4x4, 3x3) in float32 on CPU; 1.8x faster in fast.py's step,
 BENCHMARKS.md), called
 through XLA's FFI; 'auto' picks them where they apply and build (resolve_transforms).
 On native transforms a convolution followed by 2x2 max pooling can be one op pair
@@ -250,9 +250,9 @@ def _bmm(a, b, contract_a: int, contract_b: int, precision=None):
 
 
 def _transform_fns(m: int, native: bool):
-  """(input, input adjoint, output, output adjoint) transforms: XLA's or jaxres.native's."""
+  """(input, input adjoint, output, output adjoint) transforms: XLA's or jaxres.cpu.native's."""
   if native:
-    from jaxres import native as native_lib
+    from jaxres.cpu import native as native_lib
     return (native_lib.input_transform, native_lib.input_transform_adjoint,
             native_lib.output_transform, native_lib.output_transform_adjoint)
   return (lambda x: input_transform(x, m),
@@ -270,7 +270,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, m: int = 4,
   dimension_numbers=('NHWC', 'HWIO', 'NHWC')) up to floating-point rounding, which
   grows with m (the transforms' coefficients grow). Gradients: see the module
   docstring; three batches of alpha^2 matmuls in all, each the size of the forward's.
-  `native`: the data transforms of jaxres.native (m = 4, float32, CPU) instead of XLA's.
+  `native`: the data transforms of jaxres.cpu.native (m = 4, float32, CPU) instead of XLA's.
   """
   return _winograd_fwd(x, kernel, m, precision, native)[0]
 
@@ -310,7 +310,7 @@ winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)
 
 def winograd_conv3x3_max_pool(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
   """layers.max_pool(winograd_conv3x3(x, kernel, 4, native=True), 2) with the pooling done
-  inside jaxres.native's output transform (F(4x4, 3x3), float32, CPU).
+  inside jaxres.cpu.native's output transform (F(4x4, 3x3), float32, CPU).
 
   The convolution's full-resolution output is never written: each output tile is
   pooled where it is computed (a 2x2 window lies inside one tile), and the gradient
@@ -327,14 +327,14 @@ def _conv_max_pool(x, kernel, precision, size):
 
 
 def _conv_max_pool_fwd(x, kernel, precision, size):
-  from jaxres import native as native_lib
+  from jaxres.cpu import native as native_lib
   v, u, prod = _winograd_products(x, kernel, 4, precision, native_lib.input_transform)
   y, mask = native_lib.output_transform_pool(prod, (x.shape[0],) + tuple(size))
   return y, (v, u, kernel, mask)
 
 
 def _conv_max_pool_bwd(precision, size, res, dy):
-  from jaxres import native as native_lib
+  from jaxres.cpu import native as native_lib
   v, u, kernel, mask = res
   dm = native_lib.output_transform_pool_adjoint(dy, mask, size)
   return _winograd_grads(4, precision, native_lib.input_transform_adjoint, v, u, kernel, dm,
@@ -431,7 +431,7 @@ def resolve(impl: str, backend: Optional[str] = None, dtype=jnp.float32) -> str:
 
 def resolve_transforms(transforms: str, winograd_tile: int = 4, dtype=jnp.float32,
                        backend: Optional[str] = None) -> bool:
-  """Whether `transforms` means jaxres.native's Winograd transforms (True) or XLA's.
+  """Whether `transforms` means jaxres.cpu.native's Winograd transforms (True) or XLA's.
 
   'auto' is native wherever native can be used; 'native' where it cannot (see
   _native_obstacle) raises ValueError saying why; 'xla' is never native.
@@ -447,7 +447,7 @@ def resolve_transforms(transforms: str, winograd_tile: int = 4, dtype=jnp.float3
 
 
 def _native_obstacle(winograd_tile: int, dtype, backend: str) -> Optional[str]:
-  """Why jaxres.native's transforms cannot run here, or None if they can (built now)."""
+  """Why jaxres.cpu.native's transforms cannot run here, or None if they can (built now)."""
   if winograd_tile != 4:
     return f'winograd_tile={winograd_tile} (native transforms are F(4x4, 3x3))'
   if jnp.dtype(dtype) != jnp.float32:
@@ -456,7 +456,7 @@ def _native_obstacle(winograd_tile: int, dtype, backend: str) -> Optional[str]:
     return f'backend {backend} (native transforms run on CPU)'
   if jax.device_count() != 1:  # XLA cannot split a custom call across devices
     return f'{jax.device_count()} devices (native transforms run on one)'
-  from jaxres import native as native_lib
+  from jaxres.cpu import native as native_lib
   return native_lib.unavailable_reason()
 
 

@@ -16,8 +16,9 @@ on. This costs the command's imports a second time (seconds).
 
 Policy 'system' leaves the allocator as it is. 'hugepages' does nothing where it cannot
 help: outside Linux with glibc, or where the kernel has transparent huge pages off; and
-jaxres.runtime applies it only when the run's platform is the CPU (on an accelerator the
-activations are device buffers, and a restart would only cost start-up time).
+a command applies it (jaxres.cpu.prepare_process) only when the run's platform is the CPU
+(on an accelerator the activations are device buffers, and a restart would only cost
+start-up time).
 
 (Keeping freed memory in the process instead -- mallopt M_MMAP_MAX=0, M_ARENA_MAX=1,
 M_TRIM_THRESHOLD=max -- was as fast, but the heap fragmented and a fast.py timing's
