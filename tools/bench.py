@@ -43,7 +43,7 @@ from jaxres import backends, cli, config_lib, feeds, input_pipeline, models, opt
 from jaxres import runtime, steps, train_state
 from jaxres.errors import UsageError
 from jaxres import train as train_lib
-from tools import verify
+from . import verify
 
 DTYPES = ('float32', 'bfloat16')
 

@@ -36,7 +36,7 @@ import torch
 from jaxres import config_lib, input_pipeline, optim, reporting, torch_reference
 from jaxres import train as train_lib
 from jaxres.errors import UsageError
-from tools import compare_torch, run_stats
+from . import compare_torch, run_stats
 
 FRAMEWORKS = {'jaxres': 'jaxres', 'torch': 'PyTorch'}
 CHECKPOINT = 'checkpoint.pt'

@@ -461,7 +461,7 @@ def command():
     for name in ('seeds', 'torch_threads'):
       if values[name] < 1:
         raise UsageError(f'--{name} must be positive, got {values[name]}')
-    from tools import compare_seeds  # imports this module
+    from . import compare_seeds  # imports this module
     config = compare_seeds.comparison_config(config, values['epochs'], values['train_images'],
                                              values['test_images'])
     runtime.start(config)  # as jaxres.train starts: validation, allocator, JAX options

@@ -44,7 +44,7 @@ from ml_collections import config_flags
 
 from jaxres import cli, input_pipeline, optim, runtime, steps
 from jaxres.errors import UsageError
-from tools import bench
+from . import bench
 
 # Trace events that are not compiled ops: the runtime's own spans and Python frames.
 _RUNTIME = re.compile(r'^(\$|ThunkExecutor|PjitFunction|CommonPjRt|Pjit|ParseArguments|'

@@ -856,6 +856,9 @@ def command():
   def main(argv):
     if len(argv) > 1:
       raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    if not os.path.exists(os.path.join(REPO, 'pyproject.toml')):
+      raise UsageError('tools.verify runs from a jaxres checkout (its stages are the '
+                       "checkout's tests and experiments/ configs): python -m tools.verify there")
     quick, out, data_root, minutes = (quick_flag.value, out_flag.value, data_flag.value,
                                       minutes_flag.value)
     compare_seeds, compare_minutes = compare_flag.value, compare_minutes_flag.value
@@ -887,6 +890,8 @@ def command():
 
 def missing_for_verify() -> list:
   """Install lines for what this command needs itself (absl-py, for its flags) and lacks."""
+  if not os.path.exists(os.path.join(REPO, 'pyproject.toml')):  # installed, not a checkout
+    return []
   return [install_line(r, 'tools.verify')
           for r in requirements(os.path.join(REPO, 'pyproject.toml'))['runtime']
           if requirement_name(r) == 'absl-py' and installed_version('absl-py') is None]
