@@ -21,7 +21,7 @@ smoke: setup
 	$(PY) -m jaxres.train --config experiments/smoke.py --workdir runs/smoke --config.resume=False
 
 # One pytest worker per core, each test file on one worker (its module fixtures run once):
-# most tests wait on single-threaded XLA compiles, so two workers on two cores save ~30 %.
+# most tests wait on single-threaded XLA compiles, so two workers on two cores save time.
 test: setup
 	$(PY) -m pytest -q -n auto --dist loadfile
 

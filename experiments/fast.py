@@ -44,8 +44,8 @@ DECAY_PER_EXAMPLE = 2e-6  # decay per step = this x batch
 
 def get_config():
   config = base.get_config()
-  # 10 epochs: the count of the holdout run that chose lookahead (below), and what 30
-  # minutes hold with a margin on the 2-core CPU of BENCHMARKS.md (its fast.py runs).
+  # 10 epochs: the count of the holdout run that chose lookahead (below), and what fits
+  # the 30-minute CPU target (BENCHMARKS.md, fast.py's runs).
   config.num_epochs = 10
   config.batch_size = BATCH
   config.eval_batch_size = 1000
@@ -69,7 +69,7 @@ def get_config():
   config.muon.ns_steps = 3
   # Lookahead (airbench94's: every 5 steps from epoch 3, decay 0.95, rho growing as
   # (step / total)^3), chosen on a 10-epoch run holding out 5000 training images against
-  # one without it (BENCHMARKS.md, one run each).
+  # one without it (BENCHMARKS.md, holdout run 2).
   config.lookahead.enabled = True
   config.lookahead.start_epoch = 3
   config.lookahead.every = 5
@@ -97,6 +97,6 @@ def get_config():
   config.eval_tta = 'flip_translate'
   # airbench's six views at equal weights (its own weights are 0.5 for the unshifted pair):
   # the best of eight view sets compared on a 10-epoch run holding out 5000 training
-  # images (BENCHMARKS.md), by 5 images of the 5000; more views did not help.
+  # images (BENCHMARKS.md, holdout run 1).
   config.eval_tta_center_weight = 1 / 3
   return config

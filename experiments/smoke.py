@@ -1,4 +1,4 @@
-"""The seed's code path at toy size on generated data: seconds on a laptop CPU.
+"""The seed's code path at toy size on generated data, in seconds.
 
     python -m jaxres.train --config experiments/smoke.py --workdir runs/smoke
 """

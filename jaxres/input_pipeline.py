@@ -235,7 +235,7 @@ def read_image_files(paths: Sequence[str], image_size: int) -> np.ndarray:
   from PIL import Image
   images = np.empty((len(paths), image_size, image_size, 3), np.uint8)
   # One thread: for 32x32 images Python's per-file work, which holds the GIL, is most of
-  # the time, and a second thread only contends for it (CIFAR-10's 60,000 JPEGs: ~15 s).
+  # the time, and a second thread only contends for it.
   for i, path in enumerate(paths):
     try:
       with open(path, 'rb') as f:

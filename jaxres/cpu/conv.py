@@ -18,7 +18,7 @@ is one matmul, M[i, j] (tiles x Cout) = V[i, j] (tiles x Cin) @ U[i, j] (Cin x C
 Per output pixel and channel pair the matmuls do alpha^2 / m^2 multiplies instead of 9:
 4 for F(2x2, 3x3), 2.25 for F(4x4, 3x3) (default; rounding error about 1e-5 relative
 in float32, against 1e-6 for m = 2). The backward pass stays in the Winograd domain
-(a custom VJP; JAX's own transpose of the forward program is 2-4x slower):
+(a custom VJP, faster than JAX's own transpose of the forward program):
 
     dM = A dY A^T,   dV = dM U^T,   dx = B dV B^T (overlap-added),
     dU = V^T dM,     dw = G^T dU G.
@@ -29,8 +29,8 @@ such as a 2x2 whitening layer on RGB): im2col (k^2 strided slices side by side, 
 matmul).
 
 The four transforms are XLA ops, or with winograd_transforms='native' the loops of
-jaxres/cpu/native/winograd.cc (F(4x4, 3x3) in float32 on CPU; 1.8x faster in fast.py's step,
-BENCHMARKS.md), called
+jaxres/cpu/native/winograd.cc (F(4x4, 3x3) in float32 on CPU; BENCHMARKS.md, native
+Winograd transforms), called
 through XLA's FFI; 'auto' picks them where they apply and build (resolve_transforms).
 On native transforms a convolution followed by 2x2 max pooling can be one op pair
 (winograd_conv3x3_max_pool, conv_general_dilated(max_pool=True)): the output transform

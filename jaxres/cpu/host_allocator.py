@@ -3,8 +3,8 @@
 On the CPU backend every activation of a train step is a host buffer from malloc. glibc
 hands buffers above 32 MB (batch 1024 at 31 x 31 x 64 floats is 252 MB) straight to mmap
 and unmaps them when they are freed, so each step faults every page of its working set
-in again, 4 KB at a time: on the 2-core CPU of BENCHMARKS.md a third of fast.py's CPU
-time went to the kernel.
+in again, 4 KB at a time, and much of the step's CPU time goes to the kernel
+(BENCHMARKS.md, host memory).
 
 Policy 'hugepages' (config.host_allocator) runs the command under glibc's tunable
 glibc.malloc.hugetlb=1: malloc asks for transparent huge pages (madvise MADV_HUGEPAGE)

@@ -2,8 +2,8 @@
 
 jaxres.cpu.conv computes every 3x3 convolution on CPU as Winograd F(4x4, 3x3): matmuls
 between four data transforms (input, output and their adjoints). XLA's fusions of those
-transforms are memory-bound passes that run at about half the speed of a plain loop over
-each tile (1.8x in fast.py's step, BENCHMARKS.md); winograd.cc is that loop (one pass per
+transforms are memory-bound passes, slower than a plain loop over each tile
+(BENCHMARKS.md, native Winograd transforms); winograd.cc is that loop (one pass per
 tile over blocks of channels, on every core, results written with non-temporal stores).
 It also has the output transform followed by 2x2 max pooling, and that pair's adjoint
 (output_transform_pool*), for jaxres.cpu.conv.winograd_conv3x3_max_pool.
