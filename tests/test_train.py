@@ -84,9 +84,12 @@ def test_a_batch_larger_than_the_data_with_drop_last_is_one_line(run_cli, tmp_pa
   assert not (tmp_path / 'w').exists()
 
 
-DATASET_CONFIG = '''"""The smoke config on a dataset this file registers, as code outside jaxres does."""
+EXTENSION_CONFIG = '''"""The smoke config on a model and a dataset this file registers, as code outside
+jaxres does."""
+import flax.linen as nn
+
 from experiments import smoke
-from jaxres import input_pipeline
+from jaxres import input_pipeline, models
 
 
 @input_pipeline.DATASETS.register('few_stripes')
@@ -94,19 +97,35 @@ def few_stripes(data, seed):
   return input_pipeline.synthetic(256, 100, image_size=data.image_size, seed=seed + 1)
 
 
+class Tiny(nn.Module):
+  conv: object = nn.Conv
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = self.conv(6, (3, 3), use_bias=False, name='conv')(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name='bn')(x))
+    return nn.Dense(10, name='linear')(x.mean(axis=(1, 2)))
+
+
+@models.register('tiny')
+def tiny(config, conv_defs, num_devices):
+  return Tiny(conv=conv_defs.get('conv', nn.Conv))
+
+
 def get_config():
   config = smoke.get_config()
-  config.data.name, config.num_epochs = 'few_stripes', 1
+  config.data.name, config.model.name, config.num_epochs = 'few_stripes', 'tiny', 1
   return config
 '''
 
 
-def test_a_dataset_registered_by_the_config_file_trains(run_cli, tmp_path):
-  config_path = tmp_path / 'stripes_config.py'
-  config_path.write_text(DATASET_CONFIG)
+def test_a_model_and_a_dataset_registered_by_the_config_file_train(run_cli, tmp_path):
+  config_path = tmp_path / 'tiny_config.py'
+  config_path.write_text(EXTENSION_CONFIG)
   workdir = tmp_path / 'run'
   proc = run_cli('jaxres.train', '--config', config_path, '--workdir', workdir)
   assert proc.returncode == 0, proc.stderr
   assert '256 train / 100 test images' in proc.stdout
+  assert '244 trainable parameters' in proc.stdout  # conv 3*3*3*6, BN 2*6, linear 6*10+10
   (record,) = read_metrics(workdir)
   assert record['epoch'] == 1 and 'test_accuracy' in record
