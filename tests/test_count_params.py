@@ -12,7 +12,7 @@ def test_base_prints_the_seeds_count(run_main):
 
 def test_over_budget_exits_1(run_main):
   proc = run_main('tools.count_params', '--config', 'experiments/base.py',
-                 '--config.model.widths=(64,128,256,512)')
+                  '--config.model.widths=(64,128,256,512)')
   assert proc.returncode == 1
   assert 'total trainable parameters: 11173962 (OVER BUDGET' in proc.stdout
 

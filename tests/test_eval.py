@@ -40,14 +40,14 @@ def test_eval_of_a_holdout_run_reads_its_holdout_and_overrides_tta(holdout_run, 
   assert result['eval_split'] == 'holdout' and result['num_examples'] == 200
   assert result['test_accuracy'] == record['test_accuracy']
   proc = run_main('jaxres.eval', '--workdir', workdir, '--tta', 'flip_translate',
-                 '--tta_shifts=0,1 -1,0 2,2', '--tta_center_weight', '0.25')
+                  '--tta_shifts=0,1 -1,0 2,2', '--tta_center_weight', '0.25')
   assert proc.returncode == 0, proc.stderr
   assert 'Holdout Loss:' in proc.stdout and 'Test' not in proc.stdout
   assert f"Holdout Loss: {record['test_loss']:.4f}," not in proc.stdout  # other views
   proc = run_main('jaxres.eval', '--workdir', workdir, '--tta_shifts', '1,2,3')
   assert proc.returncode == 2 and '--tta_shifts must be pairs' in proc.stderr
   proc = run_main('jaxres.eval', '--workdir', workdir, '--tta', 'flip_translate',
-                 '--tta_shifts=0,40')
+                  '--tta_shifts=0,40')
   assert proc.returncode == 2 and 'eval_tta_shifts must be' in proc.stderr
 
 

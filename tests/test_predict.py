@@ -137,7 +137,7 @@ def test_predict_with_an_ensemble_averages_its_runs_probabilities(smoke_run, sec
   np.save(tmp_path / 'x.npy', images)
   out, probs = tmp_path / 'preds.csv', tmp_path / 'probs.csv'
   proc = run_main('jaxres.predict', '--workdir', first, '--workdir', second, '--input',
-                 tmp_path / 'x.npy', '--output', out, '--probabilities', probs)
+                  tmp_path / 'x.npy', '--output', out, '--probabilities', probs)
   assert proc.returncode == 0, proc.stderr
   assert f'an ensemble of 2 runs: {first} checkpoint 48, {second} checkpoint 16' in proc.stdout
   table = np.loadtxt(probs, delimiter=',', skiprows=1)

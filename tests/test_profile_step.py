@@ -52,8 +52,8 @@ def test_between_ops_is_the_time_no_op_covers():
 @pytest.mark.cpu_only  # reads XLA:CPU's op names
 def test_profile_step_on_the_smoke_model(run_main):
   proc = run_main('tools.profile_step', '--config', 'experiments/smoke.py', '--batch_size', '8',
-                 '--epoch', '2',
-                 '--steps', '1', '--top', '3', '--json')
+                  '--epoch', '2',
+                  '--steps', '1', '--top', '3', '--json')
   assert proc.returncode == 0, proc.stderr
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   assert r['step_ms'] > 0 and r['ops_ms'] > 0 and len(r['top_ops']) == 3 and r['epoch'] == 2

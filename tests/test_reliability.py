@@ -127,7 +127,7 @@ def test_non_finite_loss_stops_with_exit_3_and_keeps_the_good_checkpoint(smoke_r
   workdir = _copy_run(smoke_run, tmp_path)
   before = _tree_hashes(workdir / 'checkpoints')
   proc = run_main('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=4',
-                 '--config.learning_rate=3e38', '--config.allow_config_change=True')
+                  '--config.learning_rate=3e38', '--config.allow_config_change=True')
   assert proc.returncode == 3, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and 'non-finite loss' in lines[0]
@@ -160,7 +160,8 @@ BAD_TRAIN_INPUTS = {
 
 
 @pytest.mark.parametrize('case', sorted(BAD_TRAIN_INPUTS))
-def test_bad_train_input_is_one_line_exit_2_and_changes_nothing(case, smoke_run, run_main, tmp_path):
+def test_bad_train_input_is_one_line_exit_2_and_changes_nothing(case, smoke_run, run_main,
+                                                                tmp_path):
   workdir = _copy_run(smoke_run, tmp_path)
   before = _tree_hashes(workdir)
   proc = run_main('jaxres.train', *SMOKE, '--workdir', workdir, *BAD_TRAIN_INPUTS[case])
@@ -255,7 +256,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_and_left_alone(smoke_run, run
   workdir = _copy_run(smoke_run, tmp_path)
   before = _tree_hashes(workdir)
   proc = run_main('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=4',
-                 '--config.allow_config_change=True', '--config.model.widths=(16,32,64,128)')
+                  '--config.allow_config_change=True', '--config.model.widths=(16,32,64,128)')
   _assert_clean_failure(proc)
   assert (f'checkpoint 48 in {workdir / "checkpoints"} does not fit this run: params/bn1/bias '
           f'is float32[8] in the checkpoint but float32[16] in this run') in proc.stderr
@@ -282,7 +283,7 @@ def test_unreadable_checkpoints_are_set_aside_and_the_run_never_restarts_silentl
           f'--config.resume=False starts over') in again.stderr
   assert _tree_hashes(workdir) == before
   over = run_main('jaxres.train', *SMOKE, '--workdir', workdir, '--config.resume=False',
-                 '--config.num_epochs=1')
+                  '--config.num_epochs=1')
   assert over.returncode == 0, over.stderr
   assert os.listdir(workdir / 'checkpoints') == ['16'] and len(read_metrics(workdir)) == 1
 

@@ -171,7 +171,7 @@ def test_checkpoint_evaluates_the_same_in_jax_and_pytorch(exported, run_main):
   PyTorch test loop on the same test images: the same accuracy, the same predictions."""
   workdir, path, _ = exported
   proc = run_main('jaxres.eval', '--config', 'experiments/smoke.py', '--torch-checkpoint', path,
-                 '--json')
+                  '--json')
   assert proc.returncode == 0, proc.stderr
   in_jax = json.loads(proc.stdout)
   assert in_jax['num_examples'] == 500 and in_jax['checkpoint'] == str(path)
@@ -200,7 +200,7 @@ def test_eval_rejects_a_checkpoint_of_another_shape_in_one_line(exported, run_ma
 def test_export_errors_are_one_line(smoke_run, run_main, tmp_path):
   workdir, _ = smoke_run
   proc = run_main('jaxres.export_torch', '--workdir', workdir, '--output',
-                 tmp_path / 'no' / 'such' / 'dir' / 'model.pth')
+                  tmp_path / 'no' / 'such' / 'dir' / 'model.pth')
   assert proc.returncode == 2 and proc.stderr.startswith('error: cannot write ')
   assert len(proc.stderr.strip().splitlines()) == 1
   proc = run_main('jaxres.export_torch', '--workdir', workdir)
