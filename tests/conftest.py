@@ -164,7 +164,9 @@ def run_command(module, *args):
   out, err, code = io.StringIO(), io.StringIO(), 0
   apply = host_allocator.apply
   try:
-    # ml_collections reads --config.FIELD overrides from sys.argv.
+    # ml_collections reads --config.FIELD overrides from sys.argv, and loads a --config
+    # file into the module 'config_config', whose names a fresh process would not have.
+    sys.modules.pop('config_config', None)
     sys.argv, host_allocator.apply = argv, _no_restart
     os.chdir(REPO)
     main = command()

@@ -436,6 +436,7 @@ def test_a_running_trainer_keeps_other_trainers_out_but_not_readers(smoke_run, s
           f'pid {proc.pid}, since ') in second.stderr
   reader = run_main('jaxres.eval', '--workdir', workdir, '--json')
   assert reader.returncode == 0, reader.stderr
+  assert _wait_for(lambda: len(read_metrics(workdir)) > 3, proc, poll=0.01)  # training
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 143, stderr
