@@ -150,8 +150,8 @@ def test_rerun_skips_finished_runs_and_resumes_a_stopped_one(compared, tmp_path)
     compare_seeds.run_all(changed, str(out), 2, log=lines.append)
 
 
-def test_train_mode_usage_errors(run_cli):
-  proc = run_cli('tools.compare_torch', '--train', '--config', 'experiments/smoke.py')
+def test_train_mode_usage_errors(run_main):
+  proc = run_main('tools.compare_torch', '--train', '--config', 'experiments/smoke.py')
   assert proc.returncode == 2 and proc.stderr.strip() == (
       'error: --train needs --out DIR (where the runs and the report go)')
 

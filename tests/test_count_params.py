@@ -3,16 +3,16 @@ from jaxres import config_lib
 from experiments import base
 
 
-def test_base_prints_the_seeds_count(run_cli):
-  proc = run_cli('tools.count_params', '--config', 'experiments/base.py')
+def test_base_prints_the_seeds_count(run_main):
+  proc = run_main('tools.count_params', '--config', 'experiments/base.py')
   assert proc.returncode == 0, proc.stderr
   assert 'total trainable parameters: 2797610 (within budget' in proc.stdout
   assert 'layer4_1' in proc.stdout and 'linear' in proc.stdout
 
 
-def test_over_budget_exits_1(run_cli):
-  proc = run_cli('tools.count_params', '--config', 'experiments/base.py',
-                 '--config.model.widths=(64,128,256,512)')
+def test_over_budget_exits_1(run_main):
+  proc = run_main('tools.count_params', '--config', 'experiments/base.py',
+                  '--config.model.widths=(64,128,256,512)')
   assert proc.returncode == 1
   assert 'total trainable parameters: 11173962 (OVER BUDGET' in proc.stdout
 

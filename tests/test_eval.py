@@ -12,9 +12,9 @@ from jaxres.errors import UsageError
 from tests.conftest import read_metrics, run_probabilities, smoke_test_split
 
 
-def test_eval_after_restore_reproduces_last_epoch_exactly(smoke_run, run_cli):
+def test_eval_after_restore_reproduces_last_epoch_exactly(smoke_run, run_main):
   workdir, _ = smoke_run
-  proc = run_cli('jaxres.eval', '--workdir', workdir, '--json')
+  proc = run_main('jaxres.eval', '--workdir', workdir, '--json')
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout)
   last = read_metrics(workdir)[-1]
@@ -24,44 +24,44 @@ def test_eval_after_restore_reproduces_last_epoch_exactly(smoke_run, run_cli):
   assert sum(map(sum, result['confusion_matrix'])) == result['num_examples'] == 500
 
 
-def test_eval_table_and_step_choice(smoke_run, run_cli):
+def test_eval_table_and_step_choice(smoke_run, run_main):
   workdir, _ = smoke_run
-  proc = run_cli('jaxres.eval', '--workdir', workdir, '--step', '16')
+  proc = run_main('jaxres.eval', '--workdir', workdir, '--step', '16')
   assert proc.returncode == 0, proc.stderr
   assert 'checkpoint 16' in proc.stdout and 'confusion matrix' in proc.stdout
   first = read_metrics(workdir)[0]
   assert f"Test Acc: {first['test_accuracy']:.4f}" in proc.stdout
-  proc = run_cli('jaxres.eval', '--workdir', workdir, '--step', '17')
+  proc = run_main('jaxres.eval', '--workdir', workdir, '--step', '17')
   assert proc.returncode == 2 and 'no checkpoint at step 17' in proc.stderr
 
 
-def test_eval_of_a_holdout_run_reads_its_holdout_and_overrides_tta(holdout_run, run_cli):
+def test_eval_of_a_holdout_run_reads_its_holdout_and_overrides_tta(holdout_run, run_main):
   workdir, _ = holdout_run
   (record,) = read_metrics(workdir)
-  proc = run_cli('jaxres.eval', '--workdir', workdir, '--json')
+  proc = run_main('jaxres.eval', '--workdir', workdir, '--json')
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout)
   assert result['eval_split'] == 'holdout' and result['num_examples'] == 200
   assert result['test_accuracy'] == record['test_accuracy']
-  proc = run_cli('jaxres.eval', '--workdir', workdir, '--tta', 'flip_translate',
-                 '--tta_shifts=0,1 -1,0 2,2', '--tta_center_weight', '0.25')
+  proc = run_main('jaxres.eval', '--workdir', workdir, '--tta', 'flip_translate',
+                  '--tta_shifts=0,1 -1,0 2,2', '--tta_center_weight', '0.25')
   assert proc.returncode == 0, proc.stderr
   assert 'Holdout Loss:' in proc.stdout and 'Test' not in proc.stdout
   assert f"Holdout Loss: {record['test_loss']:.4f}," not in proc.stdout  # other views
-  proc = run_cli('jaxres.eval', '--workdir', workdir, '--tta_shifts', '1,2,3')
+  proc = run_main('jaxres.eval', '--workdir', workdir, '--tta_shifts', '1,2,3')
   assert proc.returncode == 2 and '--tta_shifts must be pairs' in proc.stderr
-  proc = run_cli('jaxres.eval', '--workdir', workdir, '--tta', 'flip_translate',
-                 '--tta_shifts=0,40')
+  proc = run_main('jaxres.eval', '--workdir', workdir, '--tta', 'flip_translate',
+                  '--tta_shifts=0,40')
   assert proc.returncode == 2 and 'eval_tta_shifts must be' in proc.stderr
 
 
 def test_eval_of_an_ensemble_reports_it_beside_its_members(smoke_run, second_smoke_run,
-                                                          holdout_run, run_cli):
+                                                          holdout_run, run_main):
   """Two runs of different normalization and test-time augmentation: each member's
   figures are its own evaluation's, the ensemble's those of the mean of the members'
   class probabilities; runs that evaluate on different images are refused."""
   (first, _), (second, _) = smoke_run, second_smoke_run
-  proc = run_cli('jaxres.eval', '--workdir', first, '--workdir', second, '--json')
+  proc = run_main('jaxres.eval', '--workdir', first, '--workdir', second, '--json')
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout)
   for member, workdir in zip(result['members'], (first, second)):
@@ -76,13 +76,13 @@ def test_eval_of_an_ensemble_reports_it_beside_its_members(smoke_run, second_smo
   assert result['confusion_matrix'] == expected['confusion_matrix']
   assert result['test_loss'] == pytest.approx(expected['test_loss'], rel=1e-5)
   assert result['test_accuracy'] >= max(m['test_accuracy'] for m in result['members']) - 0.01
-  proc = run_cli('jaxres.eval', '--workdir', first, '--workdir', second)
+  proc = run_main('jaxres.eval', '--workdir', first, '--workdir', second)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith('ensemble of 2 runs on 500 test images\n')
   ensemble_row = [l for l in proc.stdout.splitlines() if l.startswith('  ensemble ')]
   assert ensemble_row[0].split()[1:] == [f"{result['test_loss']:.4f}",
                                          f"{result['test_accuracy']:.4f}"]
-  proc = run_cli('jaxres.eval', '--workdir', first, '--workdir', holdout_run[0])
+  proc = run_main('jaxres.eval', '--workdir', first, '--workdir', holdout_run[0])
   assert proc.returncode == 2 and proc.stderr.count('\n') == 1
   assert 'evaluates on other images than' in proc.stderr and '200 holdout images' in proc.stderr
 

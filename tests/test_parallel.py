@@ -11,11 +11,14 @@ tests that the parallel run computes the same function, not float luck.
 import json
 import socket
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxres import reporting
+from experiments import smoke
+from jaxres import models, reporting, steps
 from tests.conftest import read_metrics
+from tools import compare_torch
 
 STABLE_SMOKE = ('--config', 'experiments/smoke.py', '--config.num_epochs=1',
                 '--config.learning_rate=1e-4', '--config.log_train_steps=True')
@@ -57,14 +60,50 @@ def test_eight_devices_train_the_same_model_as_one(runs):
   _assert_same_run(runs[1], runs[8])
 
 
-@pytest.mark.parametrize('saved_on, restored_on', [(8, 1), (1, 8)])
-def test_checkpoints_restore_on_any_device_count(runs, run_cli, saved_on, restored_on):
-  proc = run_cli('jaxres.eval', '--workdir', runs[saved_on], '--json', env=_devices(restored_on))
+def _assert_evaluates_as_its_last_epoch(proc, workdir):
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout)
-  last = read_metrics(runs[saved_on])[-1]
+  last = read_metrics(workdir)[-1]
   assert result['test_accuracy'] == last['test_accuracy']
   assert abs(result['test_loss'] - last['test_loss']) <= 1e-6 * last['test_loss']
+
+
+def test_checkpoints_restore_on_any_device_count(runs, run_cli, run_main):
+  """Saved on 8 devices, evaluated on this process's one; saved on one, evaluated on 8."""
+  _assert_evaluates_as_its_last_epoch(run_main('jaxres.eval', '--workdir', runs[8], '--json'),
+                                      runs[8])
+  _assert_evaluates_as_its_last_epoch(
+      run_cli('jaxres.eval', '--workdir', runs[1], '--json', env=_devices(8)), runs[1])
+
+
+def test_per_device_batch_statistics_end_to_end(runs, run_cli, run_main, tmp_path):
+  """model.sync_batch_stats=False on 2 devices: each device normalizes its own half of
+  the batch (the first step's loss is that of a model whose BatchNorm splits the batch in
+  two, not the synchronized run's), and the checkpoint evaluates on one device as the
+  run's last epoch did."""
+  workdir = tmp_path / 'per_device'
+  proc = run_cli('jaxres.train', *STABLE_SMOKE, '--workdir', workdir,
+                 '--config.model.sync_batch_stats=False', env=_devices(2))
+  assert proc.returncode == 0, proc.stderr
+  assert '2 device(s)' in proc.stdout
+  config = smoke.get_config()
+  config.learning_rate, config.model.sync_batch_stats = 1e-4, False
+  batch = next(compare_torch.training_batches(config, 1))
+  state = compare_torch.initial_state(config)
+
+  def first_loss(groups):
+    logits, _ = models.create_model(config, groups).apply(
+        {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'],
+        train=True, mutable=['batch_stats'])
+    return float(jnp.mean(steps.cross_entropy(logits, batch['label'])))
+
+  loss, synchronized = _step_losses(workdir)[0], _step_losses(runs[1])[0]
+  assert abs(loss - first_loss(2)) <= 1e-5 * loss
+  assert abs(synchronized - first_loss(1)) <= 1e-5 * loss
+  assert abs(loss - synchronized) > 1e-4 * loss  # the halves' statistics differ
+  assert all(np.isfinite(_step_losses(workdir)))
+  _assert_evaluates_as_its_last_epoch(run_main('jaxres.eval', '--workdir', workdir, '--json'),
+                                      workdir)
 
 
 def test_batch_that_does_not_split_over_devices_is_a_clear_error(run_cli, tmp_path):
@@ -103,13 +142,10 @@ def _two_processes(start_cli, args, workdir, with_flags=False):
   return outputs
 
 
-def test_two_processes_reproduce_the_single_process_four_device_run(run_cli, start_cli, tmp_path):
-  single = tmp_path / 'single'
-  proc = run_cli('jaxres.train', *STABLE_SMOKE, '--workdir', single, env=_devices(4))
-  assert proc.returncode == 0, proc.stderr
+def test_two_processes_train_the_same_model_as_one_device(runs, start_cli, tmp_path):
   multi = tmp_path / 'multi'
   _two_processes(start_cli, STABLE_SMOKE, multi)
-  _assert_same_run(single, multi)
+  _assert_same_run(runs[1], multi)
 
 
 # The shipped recipes at test size: sizes shrink (widths, images, batch, epochs); every

@@ -418,9 +418,9 @@ def test_metrics_table_sets_a_run_beside_the_seeds_published_numbers():
   assert '0.8782' not in next(line for line in lines if line.startswith('   28'))
 
 
-def test_compare_torch_metrics_command(smoke_run, run_cli, tmp_path):
+def test_compare_torch_metrics_command(smoke_run, run_main, tmp_path):
   workdir, _ = smoke_run
-  proc = run_cli('tools.compare_torch', '--metrics', workdir / 'metrics.jsonl')
+  proc = run_main('tools.compare_torch', '--metrics', workdir / 'metrics.jsonl')
   assert proc.returncode == 0, proc.stderr
   assert 'the run has epochs 1-3; the seed published epochs 29, 30, 40 only' in proc.stdout
   assert 'compare_torch:' not in proc.stdout  # --metrics alone trains nothing

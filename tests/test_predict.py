@@ -31,13 +31,13 @@ def _write_inputs(kind, images, tmp_path):
   return folder, [f'im{i}' for i in range(5)]
 
 
-def test_predict_each_input_kind_gives_the_same_labels(smoke_run, run_cli, images, tmp_path):
+def test_predict_each_input_kind_gives_the_same_labels(smoke_run, run_main, images, tmp_path):
   workdir, _ = smoke_run
   labels = {}
   for kind in ('npy', 'pickle', 'folder'):
     path, ids = _write_inputs(kind, images, tmp_path)
     out = tmp_path / f'{kind}.csv'
-    proc = run_cli('jaxres.predict', '--workdir', workdir, '--input', path, '--output', out)
+    proc = run_main('jaxres.predict', '--workdir', workdir, '--input', path, '--output', out)
     assert proc.returncode == 0, proc.stderr
     lines = out.read_text().splitlines()
     assert lines[0] == 'ID,Labels' and [l.split(',')[0] for l in lines[1:]] == ids
@@ -121,7 +121,7 @@ def test_read_images_takes_bytes_or_str_keys_and_ids(images, tmp_path):
     predict.read_images(str(tmp_path), layout='hwc')
 
 
-def test_predict_on_competition_shaped_files(smoke_run, run_cli, tmp_path):
+def test_predict_on_competition_shaped_files(smoke_run, run_main, tmp_path):
   """10,000 uint8 images with shuffled IDs under b'ids', as each edition's file holds them
   (N x 3072 channel-major rows; N x 32 x 32 x 3): the CSV keeps the file's IDs in its
   order, the images are read right (the run labels them about as well as its test set),
@@ -134,7 +134,7 @@ def test_predict_on_competition_shaped_files(smoke_run, run_cli, tmp_path):
     path, out = tmp_path / f'{edition}.pkl', tmp_path / f'{edition}.csv'
     with open(path, 'wb') as f:
       pickle.dump({b'data': _layouts(split.images)[edition][0], b'ids': ids}, f)
-    proc = run_cli('jaxres.predict', '--workdir', workdir, '--input', path, '--output', out)
+    proc = run_main('jaxres.predict', '--workdir', workdir, '--input', path, '--output', out)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f'wrote 10000 predictions to {out} (checkpoint ')
     assert out.read_text().startswith('ID,Labels\n')
@@ -148,15 +148,15 @@ def test_predict_on_competition_shaped_files(smoke_run, run_cli, tmp_path):
 # ---------------------------------------------------------------------------- ensembles
 
 def test_predict_with_an_ensemble_averages_its_runs_probabilities(smoke_run, second_smoke_run,
-                                                                  run_cli, tmp_path):
+                                                                  run_main, tmp_path):
   """Two runs with different normalization and test-time augmentation: the ensemble's
   probabilities are the mean of each run's own, its labels their argmax."""
   (first, _), (second, _) = smoke_run, second_smoke_run
   images = smoke_test_split().images[:50]
   np.save(tmp_path / 'x.npy', images)
   out, probs = tmp_path / 'preds.csv', tmp_path / 'probs.csv'
-  proc = run_cli('jaxres.predict', '--workdir', first, '--workdir', second, '--input',
-                 tmp_path / 'x.npy', '--output', out, '--probabilities', probs)
+  proc = run_main('jaxres.predict', '--workdir', first, '--workdir', second, '--input',
+                  tmp_path / 'x.npy', '--output', out, '--probabilities', probs)
   assert proc.returncode == 0, proc.stderr
   assert f'an ensemble of 2 runs: {first} checkpoint 48, {second} checkpoint 16' in proc.stdout
   table = np.loadtxt(probs, delimiter=',', skiprows=1)

@@ -50,10 +50,10 @@ def test_between_ops_is_the_time_no_op_covers():
 
 
 @pytest.mark.cpu_only  # reads XLA:CPU's op names
-def test_profile_step_on_the_smoke_model(run_cli):
-  proc = run_cli('tools.profile_step', '--config', 'experiments/smoke.py', '--batch_size', '8',
-                 '--epoch', '2',
-                 '--steps', '1', '--top', '3', '--json')
+def test_profile_step_on_the_smoke_model(run_main):
+  proc = run_main('tools.profile_step', '--config', 'experiments/smoke.py', '--batch_size', '8',
+                  '--epoch', '2',
+                  '--steps', '1', '--top', '3', '--json')
   assert proc.returncode == 0, proc.stderr
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   assert r['step_ms'] > 0 and r['ops_ms'] > 0 and len(r['top_ops']) == 3 and r['epoch'] == 2
@@ -63,6 +63,6 @@ def test_profile_step_on_the_smoke_model(run_cli):
   assert 'by layer' in profile_step.format_report(r)
 
 
-def test_profile_step_bad_input(run_cli):
-  proc = run_cli('tools.profile_step', '--steps', '0')
+def test_profile_step_bad_input(run_main):
+  proc = run_main('tools.profile_step', '--steps', '0')
   assert proc.returncode == 2 and proc.stderr.count('\n') == 1

@@ -57,7 +57,7 @@ def _tree_hashes(root):
 
 
 def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_metrics(smoke_run, start_cli,
-                                                                       run_cli, tmp_path):
+                                                                       run_main, tmp_path):
   expected = read_metrics(smoke_run[0], drop_timing=True)
   workdir = tmp_path / 'run'
   # 1. kill -9 while epoch 1's checkpoint is being written (or right after its report).
@@ -73,37 +73,47 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_metrics(smoke_run, 
   _, stderr = proc.communicate()
   assert stderr.startswith(f'warning: taking over the lock of {workdir} left by host '), stderr
   # 3. rerun to the end: whatever a kill left half-written is gone, and so is the lock.
-  done = run_cli('jaxres.train', *SMOKE, '--workdir', workdir)
+  done = run_main('jaxres.train', *SMOKE, '--workdir', workdir)
   assert done.returncode == 0, done.stderr
   assert read_metrics(workdir, drop_timing=True) == expected
   assert not [p for p in (workdir / 'checkpoints').iterdir() if TMP_SUFFIX in p.name]
   assert not (workdir / workdir_lock.LOCK_NAME).exists()
 
 
-@pytest.mark.parametrize('signum, code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_checkpoints_mid_epoch_and_resumes(smoke_run, start_cli, run_cli, tmp_path,
-                                                  signum, code):
-  expected = read_metrics(smoke_run[0], drop_timing=True)
-  workdir = tmp_path / 'run'
-  proc = start_cli('jaxres.train', *SMOKE, '--workdir', workdir)
-  assert _wait_for(lambda: len(read_metrics(workdir)) >= 1, proc)
+def _stop_with(signum, proc, workdir, epochs):
+  """Send `signum` to the trainer `proc` some steps after its `epochs`-th epoch record:
+  it writes a checkpoint mid-epoch and exits 128 + signum."""
+  assert _wait_for(lambda: len(read_metrics(workdir)) >= epochs, proc, poll=0.01)
   time.sleep(0.3)
   proc.send_signal(signum)
-  _, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == code, stderr
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signum, stderr
   assert 'checkpoint written' in stderr and 'Traceback' not in stderr
-  resumed = run_cli('jaxres.train', *SMOKE, '--workdir', workdir)
+  return stdout
+
+
+def test_signals_checkpoint_mid_epoch_and_resume(smoke_run, start_cli, run_main, tmp_path):
+  """SIGINT in epoch 2, then SIGTERM to the resumed run in epoch 3: each writes a
+  checkpoint mid-epoch and exits 130 / 143; the second resumption ends with the
+  uninterrupted run's metrics."""
+  expected = read_metrics(smoke_run[0], drop_timing=True)
+  workdir = tmp_path / 'run'
+  _stop_with(signal.SIGINT, start_cli('jaxres.train', *SMOKE, '--workdir', workdir), workdir, 1)
+  stdout = _stop_with(signal.SIGTERM, start_cli('jaxres.train', *SMOKE, '--workdir', workdir),
+                      workdir, 2)
+  assert 'Resuming from checkpoint' in stdout
+  resumed = run_main('jaxres.train', *SMOKE, '--workdir', workdir)
   assert resumed.returncode == 0, resumed.stderr
   assert 'Resuming from checkpoint' in resumed.stdout
   assert read_metrics(workdir, drop_timing=True) == expected
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(smoke_run, run_cli, tmp_path):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(smoke_run, run_main, tmp_path):
   workdir = _copy_run(smoke_run, tmp_path)
   for f in (workdir / 'checkpoints' / '48').rglob('*'):
     if f.is_file():
       f.write_bytes(f.read_bytes()[:7])  # truncated
-  proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir)
+  proc = run_main('jaxres.train', *SMOKE, '--workdir', workdir)
   assert proc.returncode == 0, proc.stderr
   assert proc.stderr.startswith(f'warning: checkpoint 48 in {workdir / "checkpoints"} is '
                                 f'unreadable (') and proc.stderr.count('\n') == 1, proc.stderr
@@ -112,19 +122,19 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(smoke_run, run_cli
   assert read_metrics(workdir, drop_timing=True) == read_metrics(smoke_run[0], drop_timing=True)
 
 
-def test_non_finite_loss_stops_with_exit_3_and_keeps_the_good_checkpoint(smoke_run, run_cli,
+def test_non_finite_loss_stops_with_exit_3_and_keeps_the_good_checkpoint(smoke_run, run_main,
                                                                            tmp_path):
   workdir = _copy_run(smoke_run, tmp_path)
   before = _tree_hashes(workdir / 'checkpoints')
-  proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=4',
-                 '--config.learning_rate=3e38', '--config.allow_config_change=True')
+  proc = run_main('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=4',
+                  '--config.learning_rate=3e38', '--config.allow_config_change=True')
   assert proc.returncode == 3, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and 'non-finite loss' in lines[0]
   assert 'at step 5' in lines[0] and '(epoch 4, batch' in lines[0] and 'learning rate 3e+38' in lines[0]
   assert _tree_hashes(workdir / 'checkpoints') == before
   assert len(read_metrics(workdir)) == 3
-  check = run_cli('jaxres.eval', '--workdir', workdir, '--json')
+  check = run_main('jaxres.eval', '--workdir', workdir, '--json')
   assert check.returncode == 0 and '"checkpoint": 48' in check.stdout
 
 
@@ -150,15 +160,16 @@ BAD_TRAIN_INPUTS = {
 
 
 @pytest.mark.parametrize('case', sorted(BAD_TRAIN_INPUTS))
-def test_bad_train_input_is_one_line_exit_2_and_changes_nothing(case, smoke_run, run_cli, tmp_path):
+def test_bad_train_input_is_one_line_exit_2_and_changes_nothing(case, smoke_run, run_main,
+                                                                tmp_path):
   workdir = _copy_run(smoke_run, tmp_path)
   before = _tree_hashes(workdir)
-  proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, *BAD_TRAIN_INPUTS[case])
+  proc = run_main('jaxres.train', *SMOKE, '--workdir', workdir, *BAD_TRAIN_INPUTS[case])
   _assert_clean_failure(proc)
   assert _tree_hashes(workdir) == before
 
 
-def test_bad_inputs_outside_the_config_values(smoke_run, run_cli, tmp_path):
+def test_bad_inputs_outside_the_config_values(smoke_run, run_main, tmp_path):
   """Missing data, unwritable workdir, bad config files, bad predict inputs."""
   workdir = _copy_run(smoke_run, tmp_path)
   before = _tree_hashes(workdir)
@@ -177,8 +188,11 @@ def test_bad_inputs_outside_the_config_values(smoke_run, run_cli, tmp_path):
       ('jaxres.predict', '--workdir', workdir, '--input', corrupt, '--output', fresh),
   ]
   for args in cases:
-    _assert_clean_failure(run_cli(*args))
+    proc = run_main(*args)
+    _assert_clean_failure(proc)
     assert not fresh.exists()
+    if '--config.data.download=False' in args:
+      assert 'CIFAR-10 not found under' in proc.stderr
   assert _tree_hashes(workdir) == before
 
 
@@ -198,7 +212,7 @@ def _mount_tmpfs(path, size):
     pytest.skip(f'cannot mount a small tmpfs to fill ({e})')
 
 
-def test_disk_full_while_checkpointing(smoke_run, run_cli, tmp_path):
+def test_disk_full_while_checkpointing(smoke_run, run_main, tmp_path):
   used = sum(f.stat().st_size for f in smoke_run[0].rglob('*') if f.is_file())
   disk = tmp_path / 'small_disk'
   _mount_tmpfs(disk, used + (700 << 10))  # room for the run, not for one more checkpoint
@@ -206,7 +220,7 @@ def test_disk_full_while_checkpointing(smoke_run, run_cli, tmp_path):
     workdir = disk / 'run'
     shutil.copytree(smoke_run[0], workdir)
     before = _tree_hashes(workdir)
-    proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=4')
+    proc = run_main('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=4')
     _assert_clean_failure(proc)
     assert 'disk full' in proc.stderr
     after = _tree_hashes(workdir)
@@ -224,14 +238,15 @@ def test_disk_full_while_checkpointing(smoke_run, run_cli, tmp_path):
     subprocess.run(['umount', str(disk)], check=False)
 
 
-def test_resume_refuses_a_changed_recipe_but_not_a_changed_allocator(smoke_run, run_cli, tmp_path):
+def test_resume_refuses_a_changed_recipe_but_not_a_changed_allocator(smoke_run, run_main, run_cli,
+                                                                      tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(smoke_run[0], workdir)
-  proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.learning_rate=0.1')
+  proc = run_main('jaxres.train', *SMOKE, '--workdir', workdir, '--config.learning_rate=0.1')
   _assert_clean_failure(proc)
   assert 'different config (learning_rate)' in proc.stderr
   # host_allocator changes how memory is served, not what is computed; 'hugepages' also
-  # takes the command through its restart.
+  # takes the command through its restart (in a process of its own).
   proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.host_allocator=hugepages')
   assert proc.returncode == 0, proc.stderr
 
@@ -242,11 +257,11 @@ def _truncate(directory):
       f.write_bytes(f.read_bytes()[:7])
 
 
-def test_a_checkpoint_that_does_not_fit_is_refused_and_left_alone(smoke_run, run_cli, tmp_path):
+def test_a_checkpoint_that_does_not_fit_is_refused_and_left_alone(smoke_run, run_main, tmp_path):
   workdir = _copy_run(smoke_run, tmp_path)
   before = _tree_hashes(workdir)
-  proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=4',
-                 '--config.allow_config_change=True', '--config.model.widths=(16,32,64,128)')
+  proc = run_main('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=4',
+                  '--config.allow_config_change=True', '--config.model.widths=(16,32,64,128)')
   _assert_clean_failure(proc)
   assert (f'checkpoint 48 in {workdir / "checkpoints"} does not fit this run: params/bn1/bias '
           f'is float32[8] in the checkpoint but float32[16] in this run') in proc.stderr
@@ -254,10 +269,10 @@ def test_a_checkpoint_that_does_not_fit_is_refused_and_left_alone(smoke_run, run
 
 
 def test_unreadable_checkpoints_are_set_aside_and_the_run_never_restarts_silently(
-    smoke_run, run_cli, tmp_path):
+    smoke_run, run_main, tmp_path):
   workdir = _copy_run(smoke_run, tmp_path)
   _truncate(workdir / 'checkpoints')
-  proc = run_cli('jaxres.train', *SMOKE, '--workdir', workdir)
+  proc = run_main('jaxres.train', *SMOKE, '--workdir', workdir)
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert [line.split(' in ')[0] for line in lines[:3]] == [
@@ -266,14 +281,14 @@ def test_unreadable_checkpoints_are_set_aside_and_the_run_never_restarts_silentl
   names = ['corrupt-16', 'corrupt-32', 'corrupt-48']
   assert sorted(os.listdir(workdir / 'checkpoints')) == names
   before = _tree_hashes(workdir)
-  again = run_cli('jaxres.train', *SMOKE, '--workdir', workdir)
+  again = run_main('jaxres.train', *SMOKE, '--workdir', workdir)
   _assert_clean_failure(again)
   assert (f'{workdir} holds a run (metrics.jsonl with 3 epochs; unreadable checkpoints set '
           f'aside as {", ".join(names)}) but no checkpoint to resume from; '
           f'--config.resume=False starts over') in again.stderr
   assert _tree_hashes(workdir) == before
-  over = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.resume=False',
-                 '--config.num_epochs=1')
+  over = run_main('jaxres.train', *SMOKE, '--workdir', workdir, '--config.resume=False',
+                  '--config.num_epochs=1')
   assert over.returncode == 0, over.stderr
   assert os.listdir(workdir / 'checkpoints') == ['16'] and len(read_metrics(workdir)) == 1
 
@@ -398,7 +413,7 @@ def test_extending_num_epochs_is_refused_where_a_total_depends_on_it(fields, ref
   train.check_resume(config, str(tmp_path))
 
 
-def test_config_file_errors_name_the_file_and_line(run_cli, tmp_path):
+def test_config_file_errors_name_the_file_and_line(run_main, tmp_path):
   broken = tmp_path / 'broken.py'
   broken.write_text('def get_config(:\n  pass\n')
   raising = tmp_path / 'raising.py'
@@ -408,24 +423,25 @@ def test_config_file_errors_name_the_file_and_line(run_cli, tmp_path):
             f'{broken}, line 1: SyntaxError: invalid syntax'),
            (('tools.count_params',), raising, f"{raising}, line 5: KeyError: '0'")]
   for args, config, message in cases:
-    proc = run_cli(*args, '--config', config)
+    proc = run_main(*args, '--config', config)
     _assert_clean_failure(proc)
     assert proc.stderr.strip() == f'error: cannot load the --config file: {message}'
   assert not (tmp_path / 'w').exists()
 
 
 def test_a_running_trainer_keeps_other_trainers_out_but_not_readers(smoke_run, start_cli,
-                                                                     run_cli, tmp_path):
+                                                                     run_main, tmp_path):
   workdir = _copy_run(smoke_run, tmp_path)
   lock = workdir / workdir_lock.LOCK_NAME
   proc = start_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=100')
   assert _wait_for(lock.exists, proc)
-  second = run_cli('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=100')
+  second = run_main('jaxres.train', *SMOKE, '--workdir', workdir, '--config.num_epochs=100')
   _assert_clean_failure(second)
   assert (f'error: workdir {workdir} is in use by another trainer (host {socket.gethostname()}, '
           f'pid {proc.pid}, since ') in second.stderr
-  reader = run_cli('jaxres.eval', '--workdir', workdir, '--json')
+  reader = run_main('jaxres.eval', '--workdir', workdir, '--json')
   assert reader.returncode == 0, reader.stderr
+  assert _wait_for(lambda: len(read_metrics(workdir)) > 3, proc, poll=0.01)  # training
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 143, stderr

@@ -147,11 +147,11 @@ def test_checkpoint_files_load_only_tensors(tmp_path, capsys):
 # ---------------------------------------------------------------------------- commands
 
 @pytest.fixture(scope='module')
-def exported(smoke_run, run_cli, tmp_path_factory):
+def exported(smoke_run, run_main, tmp_path_factory):
   """The smoke run's last checkpoint, exported by the command: (workdir, .pth, process)."""
   workdir, _ = smoke_run
   path = tmp_path_factory.mktemp('export') / 'smoke.pth'
-  proc = run_cli('jaxres.export_torch', '--workdir', workdir, '--output', path)
+  proc = run_main('jaxres.export_torch', '--workdir', workdir, '--output', path)
   assert proc.returncode == 0, proc.stderr
   return workdir, path, proc
 
@@ -166,12 +166,12 @@ def test_export_writes_what_pytorch_loads_strictly(exported):
   assert int(model.layer3[0].shortcut[1].num_batches_tracked) == 48  # the steps trained
 
 
-def test_checkpoint_evaluates_the_same_in_jax_and_pytorch(exported, run_cli):
+def test_checkpoint_evaluates_the_same_in_jax_and_pytorch(exported, run_main):
   """A PyTorch state_dict evaluated by `jaxres.eval --torch-checkpoint` and by the seed's
   PyTorch test loop on the same test images: the same accuracy, the same predictions."""
   workdir, path, _ = exported
-  proc = run_cli('jaxres.eval', '--config', 'experiments/smoke.py', '--torch-checkpoint', path,
-                 '--json')
+  proc = run_main('jaxres.eval', '--config', 'experiments/smoke.py', '--torch-checkpoint', path,
+                  '--json')
   assert proc.returncode == 0, proc.stderr
   in_jax = json.loads(proc.stdout)
   assert in_jax['num_examples'] == 500 and in_jax['checkpoint'] == str(path)
@@ -188,20 +188,20 @@ def test_checkpoint_evaluates_the_same_in_jax_and_pytorch(exported, run_cli):
       f'{both["max_logit_difference"]:.2e}'
 
 
-def test_eval_rejects_a_checkpoint_of_another_shape_in_one_line(exported, run_cli):
+def test_eval_rejects_a_checkpoint_of_another_shape_in_one_line(exported, run_main):
   _, path, _ = exported
-  proc = run_cli('jaxres.eval', '--config', 'experiments/base.py', '--torch-checkpoint', path)
+  proc = run_main('jaxres.eval', '--config', 'experiments/base.py', '--torch-checkpoint', path)
   assert proc.returncode == 2
   assert proc.stderr.strip() == (
       "error: state_dict does not fit ModifiedResNet(widths=(32, 64, 128, 256), blocks=(2, 2, "
       "2, 2), num_classes=10): 'conv1.weight' has shape (8, 3, 3, 3), expected (32, 3, 3, 3)")
 
 
-def test_export_errors_are_one_line(smoke_run, run_cli, tmp_path):
+def test_export_errors_are_one_line(smoke_run, run_main, tmp_path):
   workdir, _ = smoke_run
-  proc = run_cli('jaxres.export_torch', '--workdir', workdir, '--output',
-                 tmp_path / 'no' / 'such' / 'dir' / 'model.pth')
+  proc = run_main('jaxres.export_torch', '--workdir', workdir, '--output',
+                  tmp_path / 'no' / 'such' / 'dir' / 'model.pth')
   assert proc.returncode == 2 and proc.stderr.startswith('error: cannot write ')
   assert len(proc.stderr.strip().splitlines()) == 1
-  proc = run_cli('jaxres.export_torch', '--workdir', workdir)
+  proc = run_main('jaxres.export_torch', '--workdir', workdir)
   assert proc.returncode == 2 and 'give --workdir DIR and --output FILE.pth' in proc.stderr

@@ -32,30 +32,21 @@ def test_smoke_run_writes_everything_and_learns(smoke_run):
   assert steps == [16, 32, 48]  # 1024 images / batch 64 = 16 steps per epoch
 
 
-def test_trainer_refuses_a_model_over_budget(run_cli, tmp_path):
-  proc = run_cli('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', tmp_path / 'w',
-                 '--config.param_budget=50000')
+def test_trainer_refuses_a_model_over_budget(run_main, tmp_path):
+  proc = run_main('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', tmp_path / 'w',
+                  '--config.param_budget=50000')
   assert proc.returncode == 2
   assert proc.stderr.strip() == ('error: model has 78,002 trainable parameters, over the budget '
                                  'of 50,000 (config.param_budget)')
   assert not (tmp_path / 'w').exists()
 
 
-def test_missing_cifar10_offline_is_one_line_exit_2(run_cli, tmp_path):
-  proc = run_cli('jaxres.train', '--config', 'experiments/base.py', '--workdir', tmp_path / 'w',
-                 '--config.data.root', tmp_path / 'cifar', '--config.data.download=False')
-  assert proc.returncode == 2
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and 'CIFAR-10 not found under' in lines[0], proc.stderr
-  assert 'Traceback' not in proc.stderr and not (tmp_path / 'w').exists()
-
-
-def test_on_device_feed_scans_steps_and_keeps_the_partial_batch(run_cli, tmp_path):
+def test_on_device_feed_scans_steps_and_keeps_the_partial_batch(run_main, tmp_path):
   workdir = tmp_path / 'on_device'
-  proc = run_cli('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', workdir,
-                 '--config.data.on_device=True', '--config.data.steps_per_dispatch=4',
-                 '--config.data.synthetic_train_size=1000', '--config.num_epochs=2',
-                 '--config.log_train_steps=True')
+  proc = run_main('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', workdir,
+                  '--config.data.on_device=True', '--config.data.steps_per_dispatch=4',
+                  '--config.data.synthetic_train_size=1000', '--config.num_epochs=2',
+                  '--config.log_train_steps=True')
   assert proc.returncode == 0, proc.stderr
   steps = reporting.read_jsonl(str(workdir / 'train_steps.jsonl'))
   # 1000 images / 64 = 15 full batches (4 dispatches: 4+4+4+3) and a partial one of 40.
@@ -74,9 +65,9 @@ def test_holdout_run_evaluates_held_out_training_images(holdout_run):
   assert record['eval_split'] == 'holdout' and record['test_accuracy'] > 0.1
 
 
-def test_a_batch_larger_than_the_data_with_drop_last_is_one_line(run_cli, tmp_path):
-  proc = run_cli('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', tmp_path / 'w',
-                 '--config.data.drop_last=True', '--config.batch_size=2048')
+def test_a_batch_larger_than_the_data_with_drop_last_is_one_line(run_main, tmp_path):
+  proc = run_main('jaxres.train', '--config', 'experiments/smoke.py', '--workdir', tmp_path / 'w',
+                  '--config.data.drop_last=True', '--config.batch_size=2048')
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip() == ('error: config.batch_size=2048 is more than the 1024 training '
                                  'images and config.data.drop_last=True: an epoch would have no '

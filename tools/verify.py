@@ -1,7 +1,7 @@
 """Check a new machine end to end, on whatever backend it has, in one command.
 
     python -m tools.verify [--quick] [--out DIR] [--data_root PATH] [--minutes N]
-                           [--compare_seeds K [--compare_minutes M]]
+                           [--compare_seeds K [--compare_minutes M]] [--stages A,B]
     make verify
 
 Run it from the checkout (`PYTHONPATH=. python3 -m tools.verify` where jaxres is not
@@ -27,6 +27,9 @@ command (this interpreter, the checkout as working directory and first on PYTHON
                interval of their difference and the verdict. Longer than the rest put
                together: a stopped comparison continues where it was when the same command
                runs again (its runs in --out/compare are kept)
+
+--stages runs the environment and the named stages only (e.g. --stages fast,base, to check
+a change to the trainer without the rest), in the order above.
 
 Each stage runs under a time limit: its share (SHARES; base's is --minutes) plus what the
 stages before it left of theirs, base excepted. The shares of the full run add up to just
@@ -84,6 +87,8 @@ STOP_SECONDS = 15  # of base's share, kept for the trainer to stop and checkpoin
 POLL_SECONDS = 0.5
 TAIL_LINES = 15  # of a stage's output, kept in verify.json when it did not pass
 
+STAGES = ('tests', 'bench_base_float32', 'bench_base_bfloat16', 'bench_fast', 'fast', 'base',
+          'compare')  # after environment, in order: --stages chooses among them
 QUICK_TESTS = ('tests/test_cli.py', 'tests/test_count_params.py::test_per_module_rows_add_up')
 QUICK_SYNTHETIC = ('--config.data.name=synthetic', '--config.data.synthetic_train_size=512',
                    '--config.data.synthetic_test_size=256')
@@ -753,12 +758,13 @@ def git_commit() -> Optional[str]:
 
 def command_line(quick: bool, out: str, data_root: Optional[str],
                  minutes: Optional[float], compare_seeds: int = 0,
-                 compare_minutes: Optional[float] = None) -> str:
+                 compare_minutes: Optional[float] = None, stages: tuple = ()) -> str:
   """The command as a user would type it (for verify.md)."""
   args = ['python', '-m', 'tools.verify'] + (['--quick'] if quick else []) + [f'--out={out}']
   args += [f'--data_root={data_root}'] if data_root else []
   args += [f'--minutes={minutes:g}'] if minutes is not None else []
   args += [f'--compare_seeds={compare_seeds}'] if compare_seeds else []
+  args += [f'--stages={",".join(stages)}'] if stages else []
   return shlex.join(args + ([f'--compare_minutes={compare_minutes:g}']
                             if compare_seeds and compare_minutes is not None else []))
 
@@ -790,8 +796,9 @@ def environment_stage(reqs: dict, env_vars: dict, limit: float, out: str,
 
 def verify(quick: bool, out: str, data_root: Optional[str], minutes: float,
            command: str, compare_seeds: int = 0,
-           compare_minutes: float = COMPARE_MINUTES) -> dict:
-  """Every stage in turn, the reports rewritten after each; the final report."""
+           compare_minutes: float = COMPARE_MINUTES, stages: tuple = ()) -> dict:
+  """Every stage in turn (`stages`: the environment and these only), the reports
+  rewritten after each; the final report."""
   start = time.monotonic()
   reqs = requirements(os.path.join(REPO, 'pyproject.toml'))
   env_vars = stage_env(quick, out)
@@ -807,6 +814,8 @@ def verify(quick: bool, out: str, data_root: Optional[str], minutes: float,
   runtime = tuple(requirement_name(r) for r in reqs['runtime'])
   for stage in plan(quick, os.path.abspath(out), data, minutes, runtime,
                     'pytest-xdist' not in env['missing'], compare_seeds, compare_minutes):
+    if stages and stage.name not in stages:
+      continue
     absent = missing_for(stage, env['missing'])
     limit = stage.share + (0.0 if stage.own_limit else max(carried, 0.0))
     if absent:
@@ -849,6 +858,9 @@ def command():
       'compare_seeds', 0, 'Also run the comparison stage: base.py for its 40 epochs on the '
       'whole dataset, this many seeds in jaxres and as many in PyTorch (0: no comparison; '
       'it needs 2 or more for a verdict). Hours on one GPU for 3 seeds.')
+  stages_flag = flags.DEFINE_list(
+      'stages', None, f'Run the environment and only these stages (of {", ".join(STAGES)}), '
+      'e.g. --stages fast,base; compare also needs --compare_seeds.')
   compare_minutes_flag = flags.DEFINE_float(
       'compare_minutes', COMPARE_MINUTES, 'The comparison stage\'s time limit in minutes; '
       'what it finished is kept, and the same command continues it.')
@@ -869,6 +881,13 @@ def command():
                        f'needs 2 runs a side), got {compare_seeds}')
     if compare_minutes <= 0:
       raise UsageError(f'--compare_minutes must be positive, got {compare_minutes:g}')
+    stages = tuple(stages_flag.value or ())
+    unknown = [name for name in stages if name not in STAGES]
+    if unknown or stages_flag.value == []:
+      raise UsageError(f'--stages takes names of {", ".join(STAGES)}; got '
+                       f'{",".join(unknown) or "none"}')
+    if 'compare' in stages and not compare_seeds:
+      raise UsageError('--stages compare needs --compare_seeds K (2 or more)')
     if data_root is not None:
       if not os.path.isdir(data_root):
         raise UsageError(f'--data_root {data_root} is not a directory')
@@ -879,8 +898,9 @@ def command():
       raise UsageError(f'cannot create --out {out} ({e.strerror})') from None
     report = verify(quick, out, data_root, MINUTES[quick] if minutes is None else minutes,
                     command_line(quick, out, data_root, minutes, compare_seeds,
-                                 None if compare_minutes == COMPARE_MINUTES else compare_minutes),
-                    compare_seeds, compare_minutes)
+                                 None if compare_minutes == COMPARE_MINUTES else compare_minutes,
+                                 stages),
+                    compare_seeds, compare_minutes, stages)
     print(f'verify: {"every stage passed" if report["passed"] else "not every stage passed"}'
           f' in {duration(report["seconds"])}; report in {os.path.join(out, "verify.md")}')
     return 0 if report['passed'] else 1
