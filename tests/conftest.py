@@ -40,6 +40,14 @@ REPO = Path(__file__).resolve().parents[1]
 FAKE_DEVICES = '--xla_force_host_platform_device_count'
 
 
+def tiny_config():
+  """smoke.py at widths 4 and one block per stage: the cheapest model of the seed's shape."""
+  from experiments import smoke
+  config = smoke.get_config()
+  config.model.widths, config.model.blocks = (4, 4, 4, 4), (1, 1, 1, 1)
+  return config
+
+
 def cli_env(extra=None, cache_dir=None):
   """The environment of a jaxres command run by a test: this checkout first on the path,
   unbuffered output; fake CPU devices (XLA_FLAGS' FAKE_DEVICES) run on the CPU."""

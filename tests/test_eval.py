@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import smoke
 from jaxres import config_lib, evaluation, models, optim, steps, train_state
 from jaxres.errors import UsageError
-from tests.conftest import read_metrics, run_probabilities, smoke_test_split
+from tests.conftest import read_metrics, run_probabilities, smoke_test_split, tiny_config
 
 
 def test_eval_after_restore_reproduces_last_epoch_exactly(smoke_run, run_main):
@@ -102,14 +101,8 @@ def test_probability_sums_agree_with_the_eval_step():
 
 # ---------------------------------------------------------------------------- test-time views
 
-def _tiny_config():
-  config = smoke.get_config()
-  config.model.widths, config.model.blocks = (4, 4, 4, 4), (1, 1, 1, 1)
-  return config
-
-
 def test_tta_views():
-  config = _tiny_config()
+  config = tiny_config()
   model = models.create_model(config)
   tx = optim.create_optimizer(config)
   state = jax.jit(functools.partial(train_state.create, config, model, tx))()
@@ -138,14 +131,14 @@ def test_tta_views():
 
 
 def test_tta_options_from_config():
-  config = _tiny_config()
+  config = tiny_config()
   assert evaluation.tta_options(config) == {'tta': 'none', 'shifts': ((-1, -1), (1, 1)),
                                             'center_weight': 0.5}
   config.eval_tta, config.eval_tta_shifts = 'flip_translate', [[0, 2], [-2, 0]]  # from JSON
   config.eval_tta_center_weight = 0.25
   assert evaluation.tta_options(config) == {'tta': 'flip_translate',
                                             'shifts': ((0, 2), (-2, 0)), 'center_weight': 0.25}
-  old = _tiny_config()  # a run's config from before eval_tta_shifts: airbench's views
+  old = tiny_config()  # a run's config from before eval_tta_shifts: airbench's views
   del old['eval_tta_shifts'], old['eval_tta_center_weight']
   assert evaluation.tta_options(old)['shifts'] == evaluation.AIRBENCH_SHIFTS
 
@@ -158,7 +151,7 @@ def test_tta_options_from_config():
     ('eval_tta_center_weight', 1.5, 'eval_tta_center_weight must be in'),
 ])
 def test_tta_config_is_checked(field, value, message):
-  config = _tiny_config()
+  config = tiny_config()
   config.eval_tta = 'flip_translate'
   config[field] = value
   with pytest.raises(UsageError, match=message):
@@ -177,7 +170,7 @@ class _MeanColour:
 def test_a_tta_mode_registered_outside_is_validated_and_used(register_for_test):
   upside_down = lambda forward, images, **_: forward(jnp.flip(images, axis=1)[:, :2])
   register_for_test(evaluation.TTA_MODES, 'top_rows_upside_down', upside_down)
-  config = _tiny_config()
+  config = tiny_config()
   config.eval_tta = 'top_rows_upside_down'
   config_lib.validate_tta(config)
   images = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3)

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import smoke
 from jaxres import feeds, models, optim, steps, train_state
+from tests.conftest import tiny_config
 
 
 def _state(config):
@@ -14,14 +14,8 @@ def _state(config):
   return model, tx, jax.jit(functools.partial(train_state.create, config, model, tx))()
 
 
-def _tiny_config():
-  config = smoke.get_config()
-  config.model.widths, config.model.blocks = (4, 4, 4, 4), (1, 1, 1, 1)
-  return config
-
-
 def test_train_step_is_pure_and_counts():
-  config = _tiny_config()
+  config = tiny_config()
   model, tx, state = _state(config)
   batch = {'image': jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3)),
            'label': jnp.arange(8) % 10}
@@ -37,7 +31,7 @@ def test_train_step_is_pure_and_counts():
 def test_steps_on_device_are_train_steps_on_the_batches_they_make():
   """train_steps_on_device scans train_step over the batches its make_batch (here
   feeds.device_batch, as the trainer composes them) makes from fold_in(rng, step)."""
-  config = _tiny_config()
+  config = tiny_config()
   model, tx, state = _state(config)
   rng = np.random.default_rng(0)
   data = {'image': jnp.asarray(rng.integers(0, 256, (16, 32, 32, 3), np.uint8)),
@@ -59,7 +53,7 @@ def test_steps_on_device_are_train_steps_on_the_batches_they_make():
 
 
 def test_eval_step_masks_padding_and_counts_confusion():
-  config = _tiny_config()
+  config = tiny_config()
   model, _, state = _state(config)
   batch = {'image': jnp.zeros((4, 32, 32, 3)), 'label': jnp.array([1, 2, 3, 0]),
            'mask': jnp.array([1.0, 1.0, 1.0, 0.0])}
