@@ -5,7 +5,8 @@ one platform only -- today `jaxres.cpu`: convolutions as matmuls, compiled Winog
 transforms, the huge-page allocator -- and jaxres runs without it where it is not
 installed (XLA's convolutions). This module is the one place outside a backend that
 imports it: lazily, and only for a run whose platform is the backend's. Everything else
-(runtime, models, the commands and tools) asks here.
+(runtime, models, the commands and tools) asks here, but the backend's own tool
+(tools/bench_transforms.py).
 
 A backend package (BACKENDS: platform -> package) provides, in its __init__:
 

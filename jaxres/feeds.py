@@ -82,6 +82,7 @@ class HostFeed:
     for batch in prefetch(batches, self.prefetch_batches):
       yield 1, (batch,)
 
+
 class DeviceFeed:
   """The dataset on the devices; index batches scanned `steps_per_dispatch` at a time.
 

@@ -233,12 +233,13 @@ MODELS = Registry('model', 'config.model.name')
 
 
 def register(name: str, data_init: Optional[Callable] = None,
-             data_images: Optional[Callable] = None):
+             data_images: Optional[Callable] = None, *, replace: bool = False):
   """A decorator that registers `build(config, conv_defs, num_devices) -> nn.Module` as
-  model `name` (a ModelEntry with `data_init` and `data_images`, if any)."""
+  model `name` (a ModelEntry with `data_init` and `data_images`, if any; `replace`: as
+  Registry.register's)."""
 
   def add(build):
-    MODELS.register(name, ModelEntry(build, data_init, data_images))
+    MODELS.register(name, ModelEntry(build, data_init, data_images), replace=replace)
     return build
 
   return add

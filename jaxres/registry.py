@@ -2,13 +2,13 @@
 
 One registry per extension point, each living beside what it registers (models in
 `models.py`, datasets in `input_pipeline.py`, augmentation policies in `augment.py`,
-schedules in `optim.py`, test-time modes in `evaluation.py`). Config validation, `--help`
-and the docs read their names; code outside the package adds entries the same way:
+schedules in `optim.py`, test-time modes in `evaluation.py`). Config validation and its
+error messages read their names; code outside the package adds entries the same way:
 
     from jaxres import models
 
-    @models.MODELS.register('tiny')
-    def tiny(config, conv, num_devices):
+    @models.register('tiny')
+    def tiny(config, conv_defs, num_devices):
       ...
 
     python -m jaxres.train --config my_config.py   # my_config.py imports the module above

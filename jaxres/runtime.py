@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxres import backends, config_lib, parallel
+from jaxres import augment, backends, config_lib, parallel
 from jaxres.errors import UsageError
 
 _ACCELERATOR_PLUGINS = {'cuda': 'gpu', 'rocm': 'gpu', 'tpu': 'tpu'}
@@ -124,6 +124,10 @@ def check(config: ml_collections.ConfigDict) -> None:
   """UsageError for what cannot work on this platform and device count (after
   jax.distributed.initialize)."""
   backends.check(config, platform())
+  policy = augment.POLICIES.get(config.data.augment)
+  if policy.torchvision is None and not on_device(config):
+    raise UsageError(f'config.data.augment={config.data.augment} runs on the device only: '
+                     f'config.data.on_device resolves to False on {platform()}; set it to True')
   if config.data.alternating_flip and not on_device(config):
     raise UsageError('config.data.alternating_flip needs the data on the device: '
                      f'config.data.on_device resolves to False on {platform()}; set it to True')

@@ -167,7 +167,7 @@ def start_cli(compile_cache):
 
 
 def _no_restart(policy):
-  from jaxres import host_allocator
+  from jaxres.cpu import host_allocator
   if host_allocator.environment(policy, os.environ) is not None:
     raise RuntimeError(f'host_allocator {policy!r} restarts the command: run it with run_cli')
 
@@ -178,7 +178,8 @@ def run_command(module, *args):
   CompletedProcess. Paths are relative to the checkout, as run_cli runs them. A command
   whose host allocator would restart the process is refused (it would restart pytest)."""
   from absl import flags
-  from jaxres import cli, host_allocator
+  from jaxres import cli
+  from jaxres.cpu import host_allocator
   command = importlib.import_module(module).command
   argv = [module, *map(str, args)]
   defined, saved = set(flags.FLAGS), (sys.argv, sys.unraisablehook, os.getcwd())

@@ -857,7 +857,7 @@ def command():
   compare_flag = flags.DEFINE_integer(
       'compare_seeds', 0, 'Also run the comparison stage: base.py for its 40 epochs on the '
       'whole dataset, this many seeds in jaxres and as many in PyTorch (0: no comparison; '
-      'it needs 2 or more for a verdict). Hours on one GPU for 3 seeds.')
+      'it needs 2 or more for a verdict). Longer than the other stages together.')
   stages_flag = flags.DEFINE_list(
       'stages', None, f'Run the environment and only these stages (of {", ".join(STAGES)}), '
       'e.g. --stages fast,base; compare also needs --compare_seeds.')
