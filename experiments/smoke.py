@@ -16,7 +16,7 @@ def get_config():
   config.model.blocks = (1, 1, 1, 1)
   # At toy widths compilation dominates, and XLA's convolution compiles faster than the
   # CPU matmul formulations (which pay at the seed's widths: tools.bench). The shipped
-  # automatic settings are trained by tests/test_parallel.py's shipped-recipe test.
+  # automatic settings are trained by tests/test_multihost.py's shipped-recipe test.
   config.model.conv_impl = 'xla'
   # Toy buffers stay under glibc's mmap threshold: restarting for huge pages gains nothing.
   config.host_allocator = 'system'

@@ -7,7 +7,7 @@ whitening bias freezes after epoch 3); nothing automatic is pinned: the data on 
 (DeviceFeed), the convolutions the backend picks, the triangle schedule, flip-and-translate
 test-time augmentation. The runs are trained in this process by jaxres.train's library entry
 point (train_and_evaluate); the command's own start-up with fast.py, its restart for huge
-pages included, is tests/test_parallel.py's shipped-recipe test.
+pages included, is tests/test_multihost.py's shipped-recipe test.
 """
 
 import contextlib

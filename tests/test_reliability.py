@@ -20,7 +20,7 @@ from experiments import smoke
 from jaxres import checkpoints, models, optim, train, workdir_lock
 from jaxres.errors import UsageError
 from tests.conftest import read_metrics
-from tests.test_parallel import _devices, _free_port
+from tests.test_multihost import _devices, _free_port
 
 SMOKE = ('--config', 'experiments/smoke.py')
 TMP_SUFFIX = '.orbax-checkpoint-tmp'  # Orbax's name for a checkpoint being written

@@ -3,7 +3,7 @@
 The end-to-end run (--quick) takes the stages that no other test runs (--stages): the
 float32 bench stage is tests/test_bench.py's, the tests stage runs below on one test,
 fast.py's training is tests/test_fast_recipe.py's (at its shipped settings) and
-tests/test_parallel.py's (from the command line on two hosts).
+tests/test_multihost.py's (from the command line on two hosts).
 """
 
 import dataclasses

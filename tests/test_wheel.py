@@ -22,11 +22,18 @@ TINY = ('--config.num_epochs=1', '--config.data.synthetic_train_size=128',
         '--config.data.synthetic_test_size=100')
 
 
+# What a checkout may hold besides its sources: never part of a build (setuptools would
+# otherwise reuse a stale build/ left in the checkout).
+NOT_SOURCES = ('.git', '.venv', 'build', 'dist', '*.egg-info', 'runs', 'data', '__pycache__')
+
+
 @pytest.fixture(scope='module')
 def wheel(tmp_path_factory):
   out = tmp_path_factory.mktemp('wheel')
+  source = out / 'source'
+  shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*NOT_SOURCES))
   proc = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
-                         '-q', '-w', str(out), str(REPO)], capture_output=True, text=True,
+                         '-q', '-w', str(out), str(source)], capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   (path,) = out.glob('jaxres-*.whl')

@@ -95,7 +95,7 @@ QUICK_SYNTHETIC = ('--config.data.name=synthetic', '--config.data.synthetic_trai
 # fast.py at toy size: 4 full batches of QUICK_SYNTHETIC's images (it drops a partial
 # one); XLA's convolutions, which compile faster than the CPU's matmul forms at toy widths
 # (as in smoke.py); no restart for huge pages, which toy buffers do not use. fast.py's
-# own automatic settings are trained by tests/test_parallel.py's shipped-recipe test.
+# own automatic settings are trained by tests/test_multihost.py's shipped-recipe test.
 QUICK_FAST = ('--config.model.widths=(16,32,32)', '--config.batch_size=128',
               '--config.model.whiten_images=512', '--config.model.conv_impl=xla',
               '--config.host_allocator=system')
